@@ -1,0 +1,308 @@
+"""Local filesystem backend: per-writer staging folder, fsync, atomic rename commit.
+
+Commit protocol (DESIGN.md §2): chunks, zarr.json documents and the manifest go into
+``<run>/ckpt/.staging-<step>-<uuid>/``; they are made durable (one ``syncfs`` on the staging
+folder's filesystem, or fsync per file where syncfs is missing); then the COMMITTED marker is
+written and fsynced; then ``rename(staging, <step>)``, which is atomic and fails when another
+writer already renamed a non-empty folder there (that writer won); then the parent is fsynced.
+
+A live writer holds ``flock`` on its staging folder, so a folder whose lock is free belongs to a
+dead writer: its chunks may be reused by a retry and the folder may be removed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+
+from storage.backend import ChunkSizeError, Hasher, read_blocks, write_blocks
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _syncfs(fd: int) -> bool:
+    """syncfs(2) via ctypes; False when the platform has none (then we fsync per file)."""
+    fn = getattr(_libc, "syncfs", None)
+    if fn is None:
+        return False
+    if fn(fd) != 0:
+        err = ctypes.get_errno()
+        if err == errno.ENOSYS:
+            return False
+        raise OSError(err, f"syncfs: {os.strerror(err)}")
+    return True
+
+
+def _start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing this file out now (no wait): the disk works while we
+    hash and write the next chunk, so the final sync has little left to do. A hint only."""
+    fn = getattr(_libc, "sync_file_range", None)
+    if fn is not None:
+        fn(fd, ctypes.c_longlong(0), ctypes.c_longlong(0), _SYNC_FILE_RANGE_WRITE)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(folder)
+
+
+def _write_all(fd: int, data: memoryview) -> int:
+    """os.write; a separate function so tests can inject I/O errors here."""
+    return os.write(fd, data)
+
+
+class LocalStaging:
+    """A staging folder owned (flock) by this writer."""
+
+    def __init__(self, path: str, durability: str, resolve: Callable[[str], str]) -> None:
+        self.path = path
+        self._resolve = resolve  # store-relative path -> absolute path
+        self._durability = durability
+        os.makedirs(path)
+        self._dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(self._dir_fd, fcntl.LOCK_EX)
+        self._dirs: set[str] = {path}
+        self._lock = threading.Lock()  # several I/O threads write into one staging
+
+    def _prepare(self, relpath: str) -> str:
+        full = os.path.join(self.path, relpath)
+        parent = os.path.dirname(full)
+        with self._lock:
+            known = parent in self._dirs
+        if not known:
+            os.makedirs(parent, exist_ok=True)
+            with self._lock:
+                d = parent
+                while d not in self._dirs and d.startswith(self.path):
+                    self._dirs.add(d)
+                    d = os.path.dirname(d)
+        return full
+
+    def _finish_file(self, fd: int) -> None:
+        if self._durability == "fsync":
+            os.fsync(fd)
+        elif self._durability == "syncfs":
+            _start_writeback(fd)
+
+    def write_chunk(
+        self, relpath: str, data: memoryview, pad: int,
+        hashers: Sequence[Hasher], data_hashers: Sequence[Hasher],
+    ) -> int:
+        full = self._prepare(relpath)
+        fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            n = write_blocks(lambda b: _write_all(fd, b), data, pad, hashers, data_hashers)
+            self._finish_file(fd)
+        finally:
+            os.close(fd)
+        return n
+
+    def write_file(self, relpath: str, data: bytes) -> None:
+        self.write_chunk(relpath, memoryview(data), 0, (), ())
+
+    def adopt(self, relpath: str, src: str) -> None:
+        full = self._prepare(relpath)
+        os.link(self._resolve(src), full)  # same filesystem: a hard link moves no bytes
+        if self._durability == "fsync":  # its writer may have died before syncing it
+            fd = os.open(full, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def make_durable(self) -> None:
+        if self._durability == "syncfs":
+            if not _syncfs(self._dir_fd):
+                _fsync_tree(self.path)  # kernel without syncfs: the slow, equally durable way
+        elif self._durability == "fsync":
+            for d in sorted(self._dirs, key=len, reverse=True):
+                _fsync_dir(d)
+
+    def commit(self, final: str, marker_name: str, marker: bytes) -> bool:
+        from storage import faults
+
+        final = self._resolve(final)
+        fd = os.open(os.path.join(self.path, marker_name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            write_blocks(lambda b: _write_all(fd, b), memoryview(marker), 0, (), ())
+            if self._durability != "none":
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if self._durability != "none":
+            os.fsync(self._dir_fd)
+        faults.point("before-rename")
+        try:
+            os.rename(self.path, final)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                return False  # another writer's rename came first: it won
+            raise
+        self.path = final
+        faults.point("after-rename")
+        if self._durability != "none":
+            _fsync_dir(os.path.dirname(final))
+        self._release()
+        return True
+
+    def _release(self) -> None:
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)  # also drops the flock
+            self._dir_fd = -1
+
+    def abandon(self) -> None:
+        self._release()
+
+    def discard(self) -> None:
+        self._release()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class LocalBackend:
+    """Checkpoint files on a local (POSIX) filesystem."""
+
+    atomic_commit = True
+
+    def __init__(self, root: str, durability: str = "auto", staging_grace: timedelta = timedelta(seconds=5)) -> None:
+        self.root = os.path.abspath(os.path.expanduser(root))
+        self.url = self.root
+        if durability == "auto":
+            durability = "syncfs" if getattr(_libc, "syncfs", None) is not None else "fsync"
+        if durability not in ("syncfs", "fsync", "none"):
+            raise ValueError(f"durability must be auto, syncfs, fsync or none, got {durability!r}")
+        self._durability = durability
+        self._grace_s = staging_grace.total_seconds()
+
+    def durability(self) -> str:
+        return self._durability
+
+    def _p(self, path: str) -> str:
+        return os.path.join(self.root, path) if path else self.root
+
+    def list_dir(self, path: str) -> list[str]:
+        try:
+            return sorted(os.listdir(self._p(path)))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(self._p(path))
+
+    def size(self, path: str) -> int | None:
+        try:
+            return os.stat(self._p(path)).st_size
+        except FileNotFoundError:
+            return None
+
+    def read_bytes(self, path: str) -> bytes:
+        with open(self._p(path), "rb") as f:
+            return f.read()
+
+    def read_chunk(
+        self, path: str, nbytes: int, data_nbytes: int, dest: memoryview | None,
+        hashers: Sequence[Hasher], data_hashers: Sequence[Hasher] = (),
+    ) -> None:
+        fd = os.open(self._p(path), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            if size != nbytes:
+                raise ChunkSizeError(size, nbytes)
+            read_blocks(lambda b: os.readv(fd, [b]), nbytes, data_nbytes, dest, hashers, data_hashers)
+        finally:
+            os.close(fd)
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        full = self._p(path)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        tmp = self._write_tmp(full, data)
+        os.replace(tmp, full)
+        if self._durability != "none":
+            _fsync_dir(os.path.dirname(full))
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        full = self._p(path)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        tmp = self._write_tmp(full, data)
+        try:
+            os.link(tmp, full)  # atomic, fails if it exists, and the content is complete
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        if self._durability != "none":
+            _fsync_dir(os.path.dirname(full))
+        return True
+
+    def _write_tmp(self, full: str, data: bytes) -> str:
+        tmp = os.path.join(os.path.dirname(full), f".{os.path.basename(full)}.tmp-{uuid.uuid4().hex}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            write_blocks(lambda b: _write_all(fd, b), memoryview(data), 0, (), ())
+            if self._durability != "none":
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        return tmp
+
+    def remove_tree(self, path: str) -> None:
+        full = self._p(path)
+        # Rename first so readers see the folder vanish at once, never half deleted.
+        trash = os.path.join(os.path.dirname(full), f".deleting-{uuid.uuid4().hex}")
+        try:
+            os.rename(full, trash)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def begin_staging(self, parent: str, prefix: str) -> LocalStaging:
+        path = os.path.join(self._p(parent), f"{prefix}{uuid.uuid4().hex}")
+        os.makedirs(self._p(parent), exist_ok=True)
+        return LocalStaging(path, self._durability, self._p)
+
+    def stale_stagings(self, parent: str, prefix: str) -> list[str]:
+        """Staging folders under ``parent`` whose writer is gone (lock free, older than grace)."""
+        out = []
+        for name in self.list_dir(parent):
+            if not name.startswith(prefix):
+                continue
+            rel = f"{parent}/{name}"
+            try:
+                fd = os.open(self._p(rel), os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                continue
+            try:
+                # The grace covers the instant between a writer's mkdir and its flock.
+                if time.time() - os.fstat(fd).st_mtime < self._grace_s:
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live writer holds it
+                out.append(rel)
+            finally:
+                os.close(fd)
+        return out

@@ -1,0 +1,417 @@
+"""CheckpointStore: the public face of the storage package (DESIGN.md §2).
+
+Layout of a store::
+
+    <store>/<run_id>/ckpt/<step, 12 digits>/     one Zarr v3 group per committed checkpoint
+        zarr.json  manifest.json  COMMITTED  <array path>/zarr.json  <array path>/c/<i>/0...
+    <store>/<run_id>/ckpt/.staging-<step>-<uuid>/ a writer's private area until it commits
+    <store>/<run_id>/docs/<name>.json            small run-level JSON documents
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from storage.backend import Backend
+from storage.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    StoreError,
+    TransientStoreError,
+)
+from storage.export import ExportFormat, write_export
+from storage.manifest import MARKER, Manifest
+from storage.names import parse_step_dirname, step_dirname, validate_doc_name, validate_run_id
+from storage.reader import VerifyReport, load_tensors, open_manifest, scan
+from storage.refs import CheckpointRef
+from storage.retention import steps_to_delete
+from storage.writer import STAGING_PREFIX, SaveStats, check_inputs, staging_prefix, write_staging
+
+log = logging.getLogger("storage")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """How a store writes."""
+
+    chunk_bytes: int = 64 << 20
+    """Target chunk file size; 64 MiB measured best (bench/checkpoint.py, see the issue note)."""
+    durability: str = "auto"
+    """Local only: "syncfs" (one syncfs for the whole checkpoint), "fsync" (per file), "none"
+    (tests of logic only), or "auto" (syncfs where the platform has it)."""
+    staging_grace: timedelta = timedelta(seconds=5)
+    """Local: an unlocked staging folder younger than this is left alone by cleanup."""
+    remote_stale_after: timedelta = timedelta(hours=1)
+    """fsspec: a staging prefix older than this is considered abandoned (no locks there)."""
+    io_threads: int = 4
+    """Threads writing/reading chunk files; overlaps per-file latency (create, fsync)."""
+
+    def __post_init__(self) -> None:
+        if self.chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be >= 1, got {self.chunk_bytes}")
+        if self.io_threads < 1:
+            raise ValueError(f"io_threads must be >= 1, got {self.io_threads}")
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A loaded checkpoint: tensors (torch, on the requested device), metadata and its ref."""
+
+    tensors: dict[str, Any]
+    metadata: dict
+    ref: CheckpointRef
+
+
+class CheckpointStore:
+    """Verified Zarr v3 checkpoints of training runs, on a local folder or an fsspec URL."""
+
+    def __init__(self, backend: Backend, config: StoreConfig | None = None) -> None:
+        self.backend = backend
+        self.config = config or StoreConfig()
+        self.last_save_stats: SaveStats | None = None
+
+    @property
+    def url(self) -> str:
+        """Where the store lives."""
+        return self.backend.url
+
+    def __repr__(self) -> str:
+        return f"CheckpointStore({self.url!r})"
+
+    # ---- paths -------------------------------------------------------------------------
+    @staticmethod
+    def _ckpt_dir(run_id: str) -> str:
+        return f"{validate_run_id(run_id)}/ckpt"
+
+    def _step_dir(self, run_id: str, step: int) -> str:
+        return f"{self._ckpt_dir(run_id)}/{step_dirname(step)}"
+
+    @staticmethod
+    def _doc_path(run_id: str, name: str) -> str:
+        validate_doc_name(name)
+        return f"{validate_run_id(run_id)}/docs/{name if name.endswith('.json') else name + '.json'}"
+
+    # ---- listing -----------------------------------------------------------------------
+    def runs(self) -> list[str]:
+        """Run ids in the store, sorted."""
+        out = []
+        for name in self.backend.list_dir(""):
+            try:
+                validate_run_id(name)
+            except ValueError:
+                continue
+            children = self.backend.list_dir(name)
+            if "ckpt" in children or "docs" in children:
+                out.append(name)
+        return out
+
+    def step_folders(self, run_id: str) -> list[int]:
+        """Steps that have a folder, committed or not (a lost marker is damage to report)."""
+        ckpt = self._ckpt_dir(run_id)
+        return sorted(s for s in map(parse_step_dirname, self.backend.list_dir(ckpt)) if s is not None)
+
+    def steps(self, run_id: str) -> list[int]:
+        """Committed steps of a run (those with a commit marker), ascending."""
+        ckpt = self._ckpt_dir(run_id)
+        return [s for s in self.step_folders(run_id) if self.backend.exists(f"{ckpt}/{step_dirname(s)}/{MARKER}")]
+
+    # ---- save --------------------------------------------------------------------------
+    def save(self, run_id: str, step: int, tensors: Mapping[str, Any], metadata: dict) -> CheckpointRef:
+        """Write and atomically commit one checkpoint; see the module doc for the layout.
+
+        Idempotent: when ``step`` is already committed and verifies, returns its ref without
+        writing. A committed step that fails verification is removed and written anew. When
+        another writer commits the same step first, its checkpoint is verified and its ref
+        returned.
+
+        Raises:
+            ValueError/TypeError: bad names, dtypes or metadata (nothing written).
+            TransientStoreError: the filesystem failed; nothing was committed, and the chunks
+                written so far are reused by the next attempt.
+        """
+        t0 = time.perf_counter()
+        ckpt_dir, step_name = self._ckpt_dir(run_id), step_dirname(step)
+        final = f"{ckpt_dir}/{step_name}"
+        check_inputs(tensors, metadata)
+        stats = SaveStats(durability=self.backend.durability())
+        self.last_save_stats = stats
+        try:
+            existing = self._existing(run_id, step, final)
+            if existing is not None:
+                stats.outcome, stats.seconds = "existing", time.perf_counter() - t0
+                return existing
+            staging = self.backend.begin_staging(ckpt_dir, staging_prefix(step_name))
+        except OSError as e:
+            raise TransientStoreError(f"saving {run_id}@{step}: {e}") from e
+        try:
+            staged = write_staging(
+                self.backend, staging, run_id, step, ckpt_dir, step_name, tensors, metadata,
+                self.config.chunk_bytes, stats, self.config.io_threads,
+            )
+            won = staging.commit(final, MARKER, staged.marker)
+        except OSError as e:
+            staging.abandon()
+            raise TransientStoreError(f"saving {run_id}@{step}: {e}") from e
+        except Exception:
+            staging.discard()
+            raise
+        stats.seconds = time.perf_counter() - t0
+        if won:
+            stats.outcome = "committed"
+            return CheckpointRef(run_id, step, staged.manifest_hash)
+        staging.discard()
+        stats.outcome = "lost-race"
+        report = self.verify(run_id, step)
+        if not report.ok:
+            raise report.problems[0]
+        assert report.ref is not None
+        return report.ref
+
+    def _existing(self, run_id: str, step: int, final: str) -> CheckpointRef | None:
+        if not self.backend.exists(f"{final}/{MARKER}"):
+            if self.backend.atomic_commit and self.backend.exists(final):
+                # Commits are renames of complete folders, so a step folder without its marker
+                # is damage; it would also block our rename.
+                log.warning("step %s of run %s has no commit marker; replacing it", step, run_id)
+                self._delete_step(run_id, step)
+            return None
+        report = self.verify(run_id, step)
+        if report.ok:
+            return report.ref
+        log.warning("step %s of run %s is committed but corrupt (%s); rewriting it",
+                    step, run_id, report.problems[0])
+        self._delete_step(run_id, step)
+        return None
+
+    # ---- load / verify -----------------------------------------------------------------
+    def read_manifest(self, run_id: str, step: int) -> tuple[Manifest, CheckpointRef]:
+        """The manifest of a committed step (checked against its marker) and the step's ref."""
+        return open_manifest(self.backend, run_id, step, self._step_dir(run_id, step))
+
+    def ref(self, run_id: str, step: int) -> CheckpointRef:
+        """The reference of a committed step (its manifest checked against the marker)."""
+        return self.read_manifest(run_id, step)[1]
+
+    def checkpoint_url(self, run_id: str, step: int) -> str:
+        """Where a checkpoint's Zarr group lives (a path or URL zarr-python can open)."""
+        return f"{self.url.rstrip('/')}/{self._step_dir(run_id, step)}"
+
+    def latest_verified_ref(
+        self, run_id: str, on_corrupt: Callable[[CorruptCheckpointError], None] | None = None
+    ) -> CheckpointRef | None:
+        """Like load_latest_verified, without keeping the tensors: the newest verified step."""
+        candidates = self.step_folders(run_id) if self.backend.atomic_commit else self.steps(run_id)
+        for step in reversed(candidates):
+            try:
+                report = self.verify(run_id, step)
+            except CheckpointNotFoundError:
+                continue
+            if report.ok:
+                return report.ref
+            for problem in report.problems[:1]:
+                if on_corrupt is not None:
+                    on_corrupt(problem)
+                else:
+                    log.warning("skipping corrupt checkpoint: %s", problem)
+        return None
+
+    def read_metadata(self, run_id: str, step: int) -> dict:
+        """Training metadata of a checkpoint, without reading any tensor."""
+        return self.read_manifest(run_id, step)[0].metadata
+
+    def load(self, run_id: str, step: int, device: str = "cpu", verify: bool = True) -> LoadedCheckpoint:
+        """Read one checkpoint into torch tensors on ``device``, verifying every chunk.
+
+        Raises:
+            CheckpointNotFoundError: no checkpoint at that step.
+            CorruptCheckpointError: anything fails verification (names run, step, array, chunk).
+            TransientStoreError: the filesystem failed.
+        """
+        manifest, ref = self.read_manifest(run_id, step)
+        tensors = load_tensors(
+            self.backend, manifest, self._step_dir(run_id, step), device, verify, self.config.io_threads
+        )
+        return LoadedCheckpoint(tensors=tensors, metadata=manifest.metadata, ref=ref)
+
+    def load_latest_verified(
+        self,
+        run_id: str,
+        device: str = "cpu",
+        on_corrupt: Callable[[CorruptCheckpointError], None] | None = None,
+    ) -> LoadedCheckpoint | None:
+        """The newest checkpoint that verifies, falling back past corrupt ones; None if none.
+
+        Each corrupt checkpoint passed over is reported through ``on_corrupt`` (or logged).
+        On a local store a step folder without its commit marker counts as corrupt (commits are
+        atomic renames, so that is damage); on fsspec it is a write in flight and is skipped.
+        """
+        candidates = self.step_folders(run_id) if self.backend.atomic_commit else self.steps(run_id)
+        for step in reversed(candidates):
+            try:
+                return self.load(run_id, step, device=device)
+            except CorruptCheckpointError as e:
+                if on_corrupt is not None:
+                    on_corrupt(e)
+                else:
+                    log.warning("skipping corrupt checkpoint: %s", e)
+            except CheckpointNotFoundError:
+                continue  # deleted while we looked
+        return None
+
+    def verify(self, run_id: str, step: int) -> VerifyReport:
+        """Check every chunk and document of one checkpoint; problems are collected, not raised.
+
+        Raises:
+            CheckpointNotFoundError: no checkpoint at that step.
+        """
+        return scan(self.backend, run_id, step, self._step_dir(run_id, step))
+
+    def state_hash(self, run_id: str, step: int) -> str:
+        """state_hash recomputed from the stored bytes (verifying them on the way)."""
+        report = self.verify(run_id, step)
+        if not report.ok:
+            raise report.problems[0]
+        assert report.state_hash is not None
+        return report.state_hash
+
+    # ---- retention ---------------------------------------------------------------------
+    def gc(
+        self,
+        run_id: str,
+        keep_last: int = 3,
+        keep_every: int | None = None,
+        protect: Iterable[int] = (),
+    ) -> list[int]:
+        """Delete checkpoints the retention policy lets go, and dead writers' staging folders.
+
+        The newest checkpoint that verifies is always kept (it is verified here, a full read),
+        so a corrupt newest step never costs the last good one.
+
+        Returns:
+            The deleted steps, ascending.
+        """
+        steps_to_delete([], keep_last, keep_every)  # validate before touching anything
+        protect = set(protect)
+        steps = self.steps(run_id)
+        newest_verified = None
+        for step in reversed(steps):
+            if self.verify(run_id, step).ok:
+                newest_verified = step
+                break
+        doomed = steps_to_delete(steps, keep_last, keep_every, protect, newest_verified)
+        for step in doomed:
+            self._delete_step(run_id, step)
+        self.clean_staging(run_id)
+        return doomed
+
+    def clean_staging(self, run_id: str) -> list[str]:
+        """Remove staging folders of dead writers (and leftovers of interrupted deletes)."""
+        ckpt = self._ckpt_dir(run_id)
+        removed = []
+        for prefix in (STAGING_PREFIX, ".deleting-"):
+            for rel in self.backend.stale_stagings(ckpt, prefix):
+                log.info("removing stale %s", rel)
+                self.backend.remove_tree(rel)
+                removed.append(rel)
+        return removed
+
+    def _delete_step(self, run_id: str, step: int) -> None:
+        step_dir = self._step_dir(run_id, step)
+        if not self.backend.atomic_commit:
+            # Marker first: readers stop trusting the step before any chunk disappears.
+            self.backend.remove_tree(f"{step_dir}/{MARKER}")
+        self.backend.remove_tree(step_dir)
+
+    # ---- export ------------------------------------------------------------------------
+    def export(
+        self, run_id: str, step: int, out_path: str, fmt: ExportFormat = "safetensors",
+        prefix: str | None = None,
+    ) -> None:
+        """Write a verified checkpoint as safetensors or a torch state dict file.
+
+        ``prefix`` (e.g. "model/") keeps only names under it, with the prefix removed, which
+        gives a state dict a model's ``load_state_dict`` accepts.
+        """
+        if fmt not in ("safetensors", "torch"):
+            raise ValueError(f"format must be 'safetensors' or 'torch', got {fmt!r}")
+        ckpt = self.load(run_id, step)
+        tensors = ckpt.tensors
+        if prefix:
+            tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if not tensors:
+                raise ValueError(f"no tensor names start with {prefix!r}")
+        write_export(tensors, ckpt.metadata, out_path, fmt)
+
+    # ---- run-level JSON documents ------------------------------------------------------
+    def write_json(self, run_id: str, name: str, obj: Any) -> None:
+        """Write a small JSON document beside the run's checkpoints, atomically."""
+        data = json.dumps(obj, indent=1).encode()
+        self._io(lambda: self.backend.write_atomic(self._doc_path(run_id, name), data), name)
+
+    def read_json(self, run_id: str, name: str, default: Any = None) -> Any:
+        """Read a run-level JSON document; ``default`` when it does not exist."""
+        path = self._doc_path(run_id, name)
+        try:
+            data = self.backend.read_bytes(path)
+        except FileNotFoundError:
+            return default
+        except OSError as e:
+            raise TransientStoreError(f"reading {path}: {e}") from e
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise StoreError(f"{path} is not valid JSON: {e}") from None
+
+    def create_json_exclusive(self, run_id: str, name: str, obj: Any) -> bool:
+        """Create a JSON document only if none exists; True when this call created it.
+
+        Local stores make this atomic (link(2)); on fsspec it is check-then-put.
+        """
+        data = json.dumps(obj, indent=1).encode()
+        return self._io(lambda: self.backend.create_exclusive(self._doc_path(run_id, name), data), name)
+
+    def list_json(self, run_id: str, folder: str) -> list[tuple[str, Any]]:
+        """(name, document) of every JSON document in one folder of the run's documents, sorted."""
+        folder = folder.strip("/")
+        validate_doc_name(folder)
+        out = []
+        for entry in sorted(self.backend.list_dir(f"{validate_run_id(run_id)}/docs/{folder}")):
+            if entry.endswith(".json"):
+                name = f"{folder}/{entry.removesuffix('.json')}"
+                doc = self.read_json(run_id, name)
+                if doc is not None:
+                    out.append((name, doc))
+        return out
+
+    def delete_run(self, run_id: str) -> None:
+        """Remove a run with all its checkpoints and documents (``--fresh``)."""
+        self._io(lambda: self.backend.remove_tree(validate_run_id(run_id)), run_id)
+
+    @staticmethod
+    def _io(fn: Callable[[], Any], what: str) -> Any:
+        try:
+            return fn()
+        except OSError as e:
+            raise TransientStoreError(f"{what}: {e}") from e
+
+
+def open_store(url: str = "./runs", **config: Any) -> CheckpointStore:
+    """Open a store: a local path (default) or any fsspec URL such as ``memory://name``.
+
+    Keyword arguments go to StoreConfig (chunk_bytes, durability, staging_grace, ...).
+    """
+    cfg = StoreConfig(**config)
+    if "://" not in url or url.startswith("file://"):
+        from storage.localfs import LocalBackend
+
+        path = url.removeprefix("file://")
+        return CheckpointStore(LocalBackend(path, cfg.durability, cfg.staging_grace), cfg)
+    from storage.fsspecfs import FsspecBackend
+
+    return CheckpointStore(FsspecBackend(url, cfg.remote_stale_after), cfg)

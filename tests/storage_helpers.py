@@ -1,0 +1,117 @@
+"""Shared helpers for the storage tests: states to save, on-disk damage, subprocess writers.
+
+Run as a script it is a writer process for the crash and race tests:
+``python tests/storage_helpers.py save STORE RUN STEP SEED`` saves ``numpy_state(SEED)`` with
+small chunks and prints the ref as JSON (numpy only, so the child starts without torch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+HELPERS = Path(__file__).resolve()
+SMALL_CHUNK = 16 << 10  # small chunks: many files from little data
+
+
+def numpy_state(seed: int, n_arrays: int = 6, rows: int = 64) -> dict[str, np.ndarray]:
+    """A deterministic state of float32/int64 arrays, ~200 KiB, with several chunks per array."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for i in range(n_arrays):
+        out[f"model/layer{i}.weight"] = rng.standard_normal((rows, 128), dtype=np.float32)
+    out["optim/state/0/step"] = np.array(seed, dtype=np.int64)
+    out["optim/state/0/exp_avg"] = rng.standard_normal((rows * 2,), dtype=np.float32)
+    return out
+
+
+def env_for_child(**extra: str) -> dict[str, str]:
+    """Environment for a child Python that must import this checkout's packages."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(extra)
+    return env
+
+
+def start_writer(store: str, run: str, step: int, seed: int, **env: str) -> subprocess.Popen:
+    """Start a writer subprocess (see the module doc)."""
+    return subprocess.Popen(
+        [sys.executable, str(HELPERS), "save", store, run, str(step), str(seed)],
+        cwd=ROOT, env=env_for_child(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def run_storage_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``python -m storage ARGS`` as a real subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "storage", *args],
+        cwd=ROOT, env=env_for_child(), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def step_path(root: Path, run: str, step: int) -> Path:
+    """Folder of a committed checkpoint on a local store."""
+    return root / run / "ckpt" / f"{step:012d}"
+
+
+def chunks_under(base: Path) -> list[Path]:
+    """Every chunk file under a checkpoint or staging folder (``.../c/i/0`` or a 0-d ``.../c``)."""
+    return sorted(
+        p for p in base.rglob("*")
+        if p.is_file() and (p.name == "c" or "c" in p.relative_to(base).parts[:-1])
+    )
+
+
+def chunk_files(root: Path, run: str, step: int) -> list[Path]:
+    """Every chunk file of a committed local checkpoint."""
+    return chunks_under(step_path(root, run, step))
+
+
+def flip_byte(path: Path, pos: int) -> None:
+    """Flip every bit of the byte at ``pos`` (mod size) in place."""
+    data = bytearray(path.read_bytes())
+    i = pos % len(data)
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def assert_same_tensors(got: dict[str, Any], want: dict[str, Any]) -> None:
+    """Bit-exact equality, same dtype and shape, torch or numpy on the expected side."""
+    import torch
+
+    assert sorted(got) == sorted(want)
+    for name, w in want.items():
+        g = got[name]
+        w = w if isinstance(w, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(w)).reshape(np.shape(w))
+        w = w.detach().cpu()
+        assert isinstance(g, torch.Tensor), name
+        assert g.dtype == w.dtype, (name, g.dtype, w.dtype)
+        assert tuple(g.shape) == tuple(w.shape), (name, g.shape, w.shape)
+        gb = g.cpu().clone(memory_format=torch.contiguous_format).reshape(-1).view(torch.uint8)
+        wb = w.clone(memory_format=torch.contiguous_format).reshape(-1).view(torch.uint8)
+        assert torch.equal(gb, wb), f"{name} differs"
+
+
+def _main(argv: list[str]) -> int:
+    if argv[0] == "save":
+        sys.path.insert(0, str(ROOT))
+        from storage import open_store
+
+        store, run, step, seed = argv[1], argv[2], int(argv[3]), int(argv[4])
+        s = open_store(store, chunk_bytes=SMALL_CHUNK)
+        ref = s.save(run, step, numpy_state(seed), {"step": step, "seed": seed})
+        stats = s.last_save_stats
+        print(json.dumps({"ref": ref.to_dict(), "outcome": stats.outcome if stats else None}))
+        return 0
+    raise SystemExit(f"unknown role {argv[0]!r}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))
