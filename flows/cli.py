@@ -1,0 +1,217 @@
+"""Command line of `python -m flows.train` (DESIGN.md section 3).
+
+Validates everything it can *before* any server or cluster starts: bad input exits 2 with one
+line and touches nothing. Exit status: 0 completed (or stopped as asked), 1 failed, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+import time
+from typing import Any, NoReturn
+
+from pydantic import ValidationError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+OPTION_HELP = {
+    "run_id": "run name; re-running with the same id resumes from the newest verified "
+              "checkpoint (default: <model>-seed<seed>)",
+    "fresh": "start the run over (otherwise an existing run is resumed, never overwritten)",
+    "store": "checkpoint store: a local path or an fsspec URL (default ./runs)",
+    "data": "text file or folder, or a folder with nanoGPT train.bin/val.bin "
+            "(default: the Python standard library's source)",
+    "model": "model size preset: tiny (tests) or small (default)",
+    "steps": "total optimizer steps; fixes the LR schedule (default: the preset's)",
+    "seed": "seed of initialisation, data order and per-step randomness (default 1337)",
+    "until": "stop cleanly once the checkpoint at STEP is committed (status stopped; resumable)",
+    "time_budget": "stop cleanly at the next checkpoint after DUR, e.g. 90s, 15m, 2h",
+    "group_steps": "optimizer steps per batch-group task (default 50)",
+    "ckpt_every": "checkpoint interval in steps, or auto = Young/Daly from measured cost and "
+                  "--mtbf (default: at each group's end)",
+    "mtbf": "mean time between failures assumed by --ckpt-every auto (default 1h)",
+    "keep": "retention: keep the newest K checkpoints plus epoch ends (default 3)",
+    "workers": "Dask workers that train (local cluster; default 1)",
+    "spares": "spare Dask workers that absorb lost ones (default 1)",
+    "standby": "hot: spares started with the cluster; cold: started when a worker is lost",
+    "cluster": "address of an existing Dask scheduler, e.g. tcp://127.0.0.1:8786",
+    "device": "auto (CUDA when present, else CPU), cpu or cuda",
+    "threads": "torch threads per worker (default: cores / workers)",
+    "replicas": "run each batch group on this many workers (default 1)",
+    "replica_policy": "first: the first replica to finish wins; vote: majority of state hashes",
+    "retries": "retries of a failed batch group before its epoch fails (default 2)",
+    "chaos": "inject failures, e.g. kill-worker@120,raise@300,corrupt-latest@200 or random:0.05",
+    "summary_json": "write the run summary (JSON) here when the run ends, also when it fails",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _int_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of steps nor auto") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m flows.train",
+                description="Fault-tolerant training: Prefect batch-group tasks on a Dask cluster, "
+                            "verified Zarr checkpoints, automatic resume.")
+    h = OPTION_HELP
+    p.add_argument("--run-id", help=h["run_id"])
+    p.add_argument("--fresh", action="store_true", help=h["fresh"])
+    p.add_argument("--store", default="./runs", help=h["store"])
+    p.add_argument("--data", help=h["data"])
+    p.add_argument("--model", default="small", help=h["model"])
+    p.add_argument("--steps", type=int, help=h["steps"])
+    p.add_argument("--seed", type=int, default=1337, help=h["seed"])
+    p.add_argument("--until", type=int, metavar="STEP", help=h["until"])
+    p.add_argument("--time-budget", metavar="DUR", help=h["time_budget"])
+    p.add_argument("--group-steps", type=int, metavar="G", help=h["group_steps"])
+    p.add_argument("--ckpt-every", type=_int_or_auto, metavar="N|auto", help=h["ckpt_every"])
+    p.add_argument("--mtbf", default="1h", metavar="DUR", help=h["mtbf"])
+    p.add_argument("--keep", type=int, default=3, metavar="K", help=h["keep"])
+    p.add_argument("--workers", type=int, default=1, metavar="W", help=h["workers"])
+    p.add_argument("--spares", type=int, default=1, metavar="K", help=h["spares"])
+    p.add_argument("--standby", choices=("hot", "cold"), default="hot", help=h["standby"])
+    p.add_argument("--cluster", metavar="ADDRESS", help=h["cluster"])
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help=h["device"])
+    p.add_argument("--threads", type=int, help=h["threads"])
+    p.add_argument("--replicas", type=int, default=1, metavar="R", help=h["replicas"])
+    p.add_argument("--replica-policy", choices=("first", "vote"), default="first",
+                   help=h["replica_policy"])
+    p.add_argument("--retries", type=int, default=2, help=h["retries"])
+    p.add_argument("--chaos", metavar="SPEC", help=h["chaos"])
+    p.add_argument("--summary-json", metavar="FILE", help=h["summary_json"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    return p
+
+
+def _first_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(x) for x in first.get("loc", ())).replace("_", "-")
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return f"--{field}: {msg}" if field and not msg.startswith("--") else msg
+
+
+def parse_params(argv: list[str] | None) -> tuple[Any, argparse.Namespace]:
+    """argv -> TrainParams; exits 2 with one line on bad usage."""
+    from flows.params import TrainParams
+
+    args = build_parser().parse_args(argv)
+    fields = {k: v for k, v in vars(args).items() if k != "no_progress"}
+    try:
+        return TrainParams(**fields), args
+    except ValidationError as err:
+        sys.stderr.write(f"error: {_first_error(err)}\n")
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def main(argv: list[str] | None = None, server_port: int | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    started = time.time()
+    params, args = parse_params(argv)
+    from flows.plan import ConfigurationError, build_plan, check_store
+
+    try:
+        plan = build_plan(params)
+        check_store(plan, params)
+    except ConfigurationError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return EXIT_USAGE
+    return _run(params, plan, server_port, started, show_progress=not args.no_progress)
+
+
+def _run(params: Any, plan: Any, server_port: int | None, started: float, show_progress: bool) -> int:
+    from flows.cluster import cuda_available, local_cluster
+    from flows.prefect_env import local_prefect_server, rebound_home
+    from flows.progress_view import ProgressView
+    from flows.report import RunTally, build_summary, print_summary, write_summary_json
+    from flows.train import console, train
+
+    # Dask logs each worker's start and stop at INFO; the flow reports what matters.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    use_gpu = params.device == "cuda" or (params.device == "auto" and cuda_available())
+    summary: dict[str, Any] | None = None
+    status = EXIT_OK
+    with local_prefect_server_async(local_prefect_server, server_port) as server_ready:
+        n_workers = params.workers + (params.spares if params.standby == "hot" else 0)
+        cluster_cm = (local_cluster(n_workers, rebound_home() / "dask", use_gpu)
+                      if params.cluster is None else None)
+        try:
+            cluster = cluster_cm.__enter__() if cluster_cm else None
+            address = cluster.scheduler_address if cluster else params.cluster
+            start_step = 0
+            with ProgressView(console, plan.run.run_id, plan.stop_at, start_step,
+                              enabled=show_progress and sys.stderr.isatty()) as view:
+                view.attach(address)
+                server_ready()
+                flow_params = params.model_copy(update={"cluster": address})
+                summary = train(flow_params)
+        except KeyboardInterrupt:
+            status, reason = EXIT_FAILED, "interrupted"
+        except Exception as err:  # noqa: BLE001 - every failure ends in a summary and exit 1
+            from flows.plan import ConfigurationError
+
+            status = EXIT_USAGE if isinstance(err, ConfigurationError) else EXIT_FAILED
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        finally:
+            if cluster_cm is not None:
+                cluster_cm.__exit__(None, None, None)
+    if summary is None:
+        tally = RunTally(plan.run.run_id, params.store, started)
+        summary = build_summary(tally, "failed", reason, time.time() - started)
+        sys.stderr.write(f"error: run {plan.run.run_id} failed: {reason}\n")
+    else:
+        wall = time.time() - started
+        summary["wall_s"] = round(wall, 3)
+        summary["ettr"] = round(min(1.0, summary["productive_s"] / max(wall, 1e-9)), 4)
+    print_summary(Console_stdout(), summary)
+    if params.summary_json:
+        write_summary_json(summary, params.summary_json)
+    return status
+
+
+class local_prefect_server_async:  # noqa: N801 - used as a context manager
+    """Start the Prefect server in a thread while the cluster starts; `ready()` waits for it."""
+
+    def __init__(self, factory: Any, port: int | None) -> None:
+        self._cm = factory(port)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._start, daemon=True)
+
+    def _start(self) -> None:
+        try:
+            self._cm.__enter__()
+        except BaseException as err:  # noqa: BLE001 - re-raised in ready()
+            self._error = err
+
+    def __enter__(self) -> Any:
+        self._thread.start()
+        return self.ready
+
+    def ready(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.join()
+        if self._error is None:
+            self._cm.__exit__(None, None, None)
+
+
+def Console_stdout() -> Any:  # noqa: N802
+    from rich.console import Console
+
+    return Console()

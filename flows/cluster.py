@@ -1,0 +1,62 @@
+"""The Dask cluster a run trains on: a LocalCluster we start, or an existing scheduler."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+
+import dask
+from distributed import Client, LocalCluster
+
+CLUSTER_START_TIMEOUT = timedelta(seconds=120)
+
+DASK_SETTINGS = {
+    # A worker is declared dead when its heartbeats stop for this long. Our batch groups are
+    # compute-bound for many seconds, but torch releases the GIL, so heartbeats keep flowing:
+    # keep it short enough that a hung *process* is noticed, long enough for a busy one.
+    "distributed.scheduler.worker-ttl": "60s",
+    # A task whose worker died is rescheduled this many times before KilledWorker; Rebound
+    # recovers from KilledWorker itself, so a small number keeps a poisoned task from hopping.
+    "distributed.scheduler.allowed-failures": 3,
+    "distributed.comm.timeouts.connect": "30s",
+    # Training is sequential state: never let Dask move or steal a running batch group.
+    "distributed.scheduler.work-stealing": False,
+}
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@contextmanager
+def local_cluster(n_workers: int, local_directory: Path, use_gpu: bool) -> Iterator[LocalCluster]:
+    """A LocalCluster of single-threaded process workers on 127.0.0.1, stopped on exit."""
+    local_directory.mkdir(parents=True, exist_ok=True)
+    with dask.config.set(DASK_SETTINGS):
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+            local_directory=str(local_directory),
+            preload=["tasks.preload"],
+            resources={"GPU": 1} if use_gpu else None,
+        )
+    try:
+        yield cluster
+    finally:
+        cluster.close(timeout=30)
+
+
+def worker_pids(client: Client) -> dict[str, int]:
+    """Worker address -> PID of its worker process (the nanny's child)."""
+    import os
+
+    return dict(client.run(os.getpid))

@@ -1,0 +1,100 @@
+"""The train flow's parameters: one pydantic model, so the Prefect UI renders it as a form."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+def parse_duration_s(text: str) -> float:
+    """'90', '90s', '15m', '2h', '1d' -> seconds; ValueError naming the text otherwise."""
+    match = _DURATION.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not a duration such as 90s, 15m or 2h")
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+class TrainParams(BaseModel):
+    """Everything one training run needs; every CLI option of `python -m flows.train`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run_id: str | None = Field(None, description="Run name; the same id resumes. Default: <model>-seed<seed>.")
+    fresh: bool = Field(False, description="Start the run over instead of resuming it.")
+    store: str = Field("./runs", description="Checkpoint store: a local path or an fsspec URL.")
+    data: str | None = Field(None, description="Text file or folder; default: the Python stdlib source.")
+    model: str = Field("small", description="Model preset: tiny (tests) or small (default).")
+    steps: int | None = Field(None, ge=1, description="Total optimizer steps (fixes the LR schedule).")
+    seed: int = Field(1337, ge=0, description="Seed of initialisation, data order and per-step randomness.")
+    until: int | None = Field(None, ge=1, description="Stop cleanly once the checkpoint at this step is committed.")
+    time_budget: str | None = Field(None, description="Stop cleanly at the next checkpoint after this long (e.g. 2h).")
+    group_steps: int | None = Field(None, ge=1, description="Optimizer steps per batch-group task.")
+    ckpt_every: int | Literal["auto"] | None = Field(None, description="Checkpoint interval in steps, or auto (Young/Daly).")
+    mtbf: str = Field("1h", description="Mean time between failures assumed by --ckpt-every auto.")
+    keep: int = Field(3, ge=1, description="Keep the newest K checkpoints (plus epoch ends).")
+    workers: int = Field(1, ge=1, le=64, description="Dask workers training (LocalCluster).")
+    spares: int = Field(1, ge=0, le=64, description="Spare Dask workers that absorb lost ones.")
+    standby: Literal["hot", "cold"] = Field("hot", description="hot: spares start warm; cold: started on demand.")
+    cluster: str | None = Field(None, description="Address of an existing Dask scheduler (tcp://host:port).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
+    threads: int | None = Field(None, ge=1, le=256, description="Torch threads per worker (default: cores / workers).")
+    replicas: int = Field(1, ge=1, le=8, description="Run each batch group on this many workers.")
+    replica_policy: Literal["first", "vote"] = Field("first", description="Which replica's result wins.")
+    retries: int = Field(2, ge=0, le=20, description="Retries of a failed batch group.")
+    chaos: str | None = Field(None, description="Failures to inject, e.g. kill-worker@120,raise@300.")
+    summary_json: str | None = Field(None, description="Write the run summary here when the run ends.")
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id_is_a_name(cls, value: str | None) -> str | None:
+        if value is not None and not _RUN_ID.match(value):
+            raise ValueError(f"--run-id {value!r}: use letters, digits, '.', '_' and '-' (max 128)")
+        return value
+
+    @field_validator("time_budget", "mtbf")
+    @classmethod
+    def _is_duration(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration_s(value)
+        return value
+
+    @field_validator("chaos")
+    @classmethod
+    def _chaos_parses(cls, value: str | None) -> str | None:
+        from tasks.chaos import parse_chaos
+
+        parse_chaos(value)
+        return value
+
+    @field_validator("ckpt_every")
+    @classmethod
+    def _ckpt_every_positive(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("--ckpt-every must be >= 1 or auto")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainParams:
+        if self.replicas > self.workers + self.spares:
+            raise ValueError(f"--replicas {self.replicas} needs at least as many workers + spares")
+        if self.until is not None and self.steps is not None and self.until > self.steps:
+            raise ValueError(f"--until {self.until} is past --steps {self.steps}")
+        return self
+
+    @property
+    def resolved_run_id(self) -> str:
+        return self.run_id or f"{self.model}-seed{self.seed}"
+
+    @property
+    def time_budget_s(self) -> float | None:
+        return parse_duration_s(self.time_budget) if self.time_budget else None
+
+    @property
+    def mtbf_s(self) -> float:
+        return parse_duration_s(self.mtbf)

@@ -1,0 +1,135 @@
+"""Turn parameters into a run plan, and check it against what the store already holds.
+
+Pure of Prefect and Dask so the CLI can validate (exit 2) before any server or cluster starts,
+and the flow can run the same checks when started from a deployment.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from flows.params import TrainParams
+from storage import open_store
+from tasks.jobs import RunSpec
+from training.config import TrainConfig
+from training.data import Corpus, load_corpus, steps_per_epoch
+
+DEFAULT_GROUP_STEPS = 50
+"""Steps per batch-group task: seconds of work each, so ~0.3 s of Dask+Prefect overhead is small."""
+
+
+class ConfigurationError(ValueError):
+    """Bad input: fatal, exit 2, never retried, nothing in the store touched."""
+
+
+@dataclass(frozen=True)
+class Group:
+    first_step: int
+    last_step: int
+    epoch: int
+    epoch_end: bool
+
+
+@dataclass
+class RunPlan:
+    run: RunSpec
+    total_steps: int
+    group_steps: int
+    ckpt_every: int
+    ckpt_auto: bool
+    epoch_steps: int
+    stop_at: int
+    """Last step this invocation trains to (--until, else total_steps)."""
+    corpus_description: str
+    groups: list[Group] = field(default_factory=list)
+
+    def groups_after(self, step: int) -> list[Group]:
+        return [g for g in self.groups if g.last_step > step]
+
+
+def _default_threads(params: TrainParams) -> int:
+    return max(1, (os.cpu_count() or 1) // params.workers) if params.threads is None else params.threads
+
+
+def make_groups(stop_at: int, total: int, group_steps: int, epoch_steps: int) -> list[Group]:
+    """Groups of at most group_steps that never cross an epoch end, --until or the run's end."""
+    groups: list[Group] = []
+    step = 0
+    while step < min(stop_at, total):
+        epoch = step // epoch_steps
+        epoch_end = min((epoch + 1) * epoch_steps, total)
+        last = min(step + group_steps, epoch_end, stop_at)
+        groups.append(Group(step, last, epoch, last == epoch_end))
+        step = last
+    return groups
+
+
+def build_plan(params: TrainParams, corpus: Corpus | None = None) -> RunPlan:
+    """The run plan; ConfigurationError (one line) for anything wrong with the input."""
+    try:
+        corpus = corpus or load_corpus(params.data)
+        cfg = TrainConfig(model=params.model, steps=params.steps, seed=params.seed,
+                          device=params.device, torch_threads=_default_threads(params))
+        resolved = cfg.resolved()
+    except (ValueError, OSError) as err:
+        raise ConfigurationError(str(err).splitlines()[0]) from None
+    total = resolved.steps
+    if params.until is not None and params.until > total:
+        raise ConfigurationError(f"--until {params.until} is past the run's {total} steps")
+    group_steps = params.group_steps or min(DEFAULT_GROUP_STEPS, total)
+    auto = params.ckpt_every == "auto"
+    ckpt_every = group_steps if (auto or params.ckpt_every is None) else int(params.ckpt_every)
+    epoch_steps = steps_per_epoch(corpus, resolved)
+    run = RunSpec(
+        run_id=params.resolved_run_id,
+        store_url=params.store,
+        train_config=cfg.to_dict(),
+        data_path=None if params.data is None else os.path.abspath(params.data),
+        config_hash=cfg.config_hash(corpus.fingerprint),
+        chaos_spec=params.chaos or "",
+        device=params.device,
+        keep_last=params.keep,
+    )
+    stop_at = min(params.until or total, total)
+    plan = RunPlan(run, total, group_steps, ckpt_every, auto, epoch_steps, stop_at,
+                   corpus.description)
+    plan.groups = make_groups(stop_at, total, group_steps, epoch_steps)
+    return plan
+
+
+def run_record(plan: RunPlan, params: TrainParams) -> dict[str, Any]:
+    """What the store keeps about a run, to refuse a resume under another configuration."""
+    return {"run_id": plan.run.run_id, "config_hash": plan.run.config_hash,
+            "model": params.model, "data": plan.run.data_path, "seed": params.seed,
+            "steps": plan.total_steps, "train_config": plan.run.train_config,
+            "corpus": plan.corpus_description}
+
+
+def check_store(plan: RunPlan, params: TrainParams) -> bool:
+    """True when the run exists (and will be resumed); ConfigurationError when it cannot be."""
+    try:
+        store = open_store(params.store)
+        existing = store.read_json(plan.run.run_id, "run")
+    except (ValueError, OSError) as err:
+        raise ConfigurationError(f"--store {params.store!r}: {err}") from None
+    if existing is None or params.fresh:
+        return existing is not None
+    if existing.get("config_hash") != plan.run.config_hash:
+        diffs = [k for k in ("model", "data", "seed", "steps")
+                 if existing.get(k) != run_record(plan, params).get(k)]
+        what = ", ".join(f"{k} {existing.get(k)!r}" for k in diffs) or "another configuration"
+        raise ConfigurationError(
+            f"run {plan.run.run_id!r} in {params.store} was made with {what}; "
+            "use another --run-id or --fresh to start it over")
+    return True
+
+
+def young_daly_interval(ckpt_cost_s: float, mtbf_s: float, step_s: float, max_steps: int) -> int:
+    """Checkpoint interval in steps minimising expected lost + checkpoint time: sqrt(2 C M)."""
+    if step_s <= 0:
+        return max_steps
+    steps = math.sqrt(2.0 * max(ckpt_cost_s, 1e-4) * mtbf_s) / step_s
+    return max(1, min(max_steps, int(round(steps))))

@@ -1,0 +1,67 @@
+"""Local UX: a rich progress bar fed by the workers' per-step events."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from distributed import Client
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from tasks.progress import PROGRESS_TOPIC
+
+
+class ProgressView:
+    """Shows step, loss, tokens/s and the last checkpoint; a no-op when disabled."""
+
+    def __init__(self, console: Console, run_id: str, total_steps: int, start_step: int,
+                 enabled: bool = True) -> None:
+        self.run_id = run_id
+        self._enabled = enabled
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+            TextColumn("ckpt {task.fields[ckpt]}"), TimeElapsedColumn(),
+            console=console, disable=not enabled, transient=False)
+        self._task = self._progress.add_task(run_id, total=total_steps, completed=start_step,
+                                             loss="-", tps="-", ckpt="-")
+        self._window: list[tuple[float, int]] = []
+        self._client: Client | None = None
+
+    def __enter__(self) -> ProgressView:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._client is not None:
+            try:
+                self._client.unsubscribe_topic(PROGRESS_TOPIC)
+            except Exception:  # noqa: BLE001 - the cluster may already be gone
+                pass
+            self._client.close()
+        self._progress.stop()
+
+    def attach(self, scheduler_address: str) -> None:
+        """Listen to the cluster's progress events (no-op when disabled)."""
+        if not self._enabled:
+            return
+        self._client = Client(scheduler_address, timeout="30s", set_as_default=False)
+        self._client.subscribe_topic(PROGRESS_TOPIC, self._on_event)
+
+    def _on_event(self, event: tuple[float, dict[str, Any]]) -> None:
+        _, msg = event
+        if msg.get("run_id") != self.run_id:
+            return
+        now = time.monotonic()
+        self._window = [(t, n) for t, n in self._window if now - t < 10.0]
+        self._window.append((now, int(msg.get("tokens", 0))))
+        span = now - self._window[0][0]
+        tps = sum(n for _, n in self._window) / span if span > 0 else 0.0
+        self._progress.update(self._task, completed=int(msg["step"]),
+                              loss=f"{float(msg['loss']):.3f}", tps=f"{tps:,.0f}",
+                              ckpt=str(msg.get("ckpt") if msg.get("ckpt") is not None else "-"))
+
+    def set_step(self, step: int, ckpt: int | None = None) -> None:
+        self._progress.update(self._task, completed=step,
+                              ckpt=str(ckpt) if ckpt is not None else "-")

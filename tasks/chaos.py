@@ -1,0 +1,101 @@
+"""Chaos spec (DESIGN.md section 6): parse `KIND@STEP,...` and fire each event once per run.
+
+The record that an event fired lives in the store (`chaos/<kind>@<step>`), created exclusively,
+so a task retried after the failure it injected does not inject it again.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+CHAOS_KINDS = (
+    "kill-worker",
+    "kill-during-save",
+    "raise",
+    "corrupt-latest",
+    "hang",
+    "perturb-replica",
+    "fail-probe",
+)
+
+
+class ChaosError(RuntimeError):
+    """The failure a `raise` chaos event injects (retryable like any task error)."""
+
+
+@dataclass(frozen=True)
+class ChaosEvent:
+    kind: str
+    """One of CHAOS_KINDS."""
+    step: int
+    """The optimizer step (1-based: the step that completes it) at which the event fires."""
+
+    @property
+    def record_name(self) -> str:
+        return f"chaos/{self.kind}@{self.step}"
+
+
+@dataclass(frozen=True)
+class ChaosPlan:
+    events: tuple[ChaosEvent, ...] = ()
+    """Fixed events from the spec."""
+    random_p: float = 0.0
+    """Probability of one `raise` per batch group (`random:P`), seeded by the run seed."""
+
+    def events_at(self, step: int) -> list[ChaosEvent]:
+        return [e for e in self.events if e.step == step]
+
+    def random_events(self, seed: int, first_step: int, last_step: int) -> list[ChaosEvent]:
+        """The random failure (if any) of the group (first_step, last_step], a pure function of seed."""
+        if self.random_p <= 0 or last_step <= first_step:
+            return []
+        rng = random.Random(f"{seed}:{first_step}:{last_step}")
+        if rng.random() >= self.random_p:
+            return []
+        kind = rng.choice(("raise", "kill-worker"))
+        return [ChaosEvent(kind, rng.randint(first_step + 1, last_step))]
+
+
+def parse_chaos(spec: str | None) -> ChaosPlan:
+    """Parse a chaos spec; raises ValueError with one line naming the bad part."""
+    if not spec:
+        return ChaosPlan()
+    events: list[ChaosEvent] = []
+    random_p = 0.0
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        if part.startswith("random:"):
+            try:
+                random_p = float(part.removeprefix("random:"))
+            except ValueError:
+                raise ValueError(f"--chaos: {part!r}: random:P needs a probability") from None
+            if not 0.0 <= random_p <= 1.0:
+                raise ValueError(f"--chaos: {part!r}: P must be within [0, 1]")
+            continue
+        kind, sep, step_text = part.partition("@")
+        if not sep or kind not in CHAOS_KINDS:
+            raise ValueError(
+                f"--chaos: {part!r} is not KIND@STEP with KIND one of {', '.join(CHAOS_KINDS)}"
+            )
+        if not step_text.isdigit() or int(step_text) < 1:
+            raise ValueError(f"--chaos: {part!r}: STEP must be a positive integer")
+        events.append(ChaosEvent(kind, int(step_text)))
+    return ChaosPlan(tuple(events), random_p)
+
+
+def kill_this_process() -> None:
+    """SIGKILL the current process: a real, unannounced death of the worker."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hang(duration: timedelta) -> None:
+    """Stop making progress (no CPU, no heartbeat of ours) for `duration`."""
+    deadline = time.monotonic() + duration.total_seconds()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)

@@ -1,0 +1,173 @@
+"""One batch group, start to finish: find where to start, train, checkpoint, hand back a reference.
+
+Safe to run twice (a Dask worker can die after finishing, and its task then runs again): all it
+produces is committed checkpoints in the store, and a group whose end is already committed and
+verified returns that checkpoint without training.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from datetime import timedelta
+
+from storage import CheckpointRef, CorruptCheckpointError, open_store
+from storage.store import CheckpointStore
+from tasks import chaos, progress
+from tasks.jobs import GroupJob, GroupResult, RunSpec
+from tasks.worker_cache import WarmTrainer, corpus_for, drop_warm, put_warm, take_warm
+from training.config import TrainConfig
+from training.loop import Trainer
+
+HANG_DURATION = timedelta(hours=1)
+"""How long a `hang` chaos event stalls: far beyond any task timeout."""
+
+
+def build_trainer(run: RunSpec) -> Trainer:
+    """A trainer for the run, with the corpus this worker already holds."""
+    cfg = TrainConfig(**run.train_config).resolved()
+    return Trainer(cfg, corpus_for(run.data_path), device=run.device)
+
+
+def _verified_committed(store: CheckpointStore, run_id: str, step: int) -> CheckpointRef | None:
+    if step not in store.steps(run_id):
+        return None
+    if not store.verify(run_id, step).ok:
+        return None
+    return store.ref(run_id, step)
+
+
+def _record_attempt(store: CheckpointStore, job: GroupJob, started_unix: float,
+                    resumed_from_step: int | None) -> None:
+    """One record per attempt, so the flow learns of reruns Prefect does not count."""
+    store.write_json(
+        job.run.run_id,
+        f"attempts/{job.last_step:012d}-{uuid.uuid4().hex[:8]}",
+        {"first_step": job.first_step, "last_step": job.last_step, "pid": os.getpid(),
+         "worker": progress.worker_name(), "started_unix": started_unix,
+         "ready_unix": time.time(), "resumed_from_step": resumed_from_step},
+    )
+
+
+def _restore_start(store: CheckpointStore, job: GroupJob, result: GroupResult) -> WarmTrainer:
+    """The trainer at the newest verified checkpoint <= last_step (warm memory when it matches)."""
+    run = job.run
+    key = (run.run_id, run.config_hash)
+    warm = take_warm(key)
+    committed = [s for s in store.steps(run.run_id) if s <= job.last_step]
+    for step in sorted(committed, reverse=True):
+        if warm is not None and warm.at_ref is not None and warm.at_ref.step == step:
+            if store.ref(run.run_id, step) == warm.at_ref:
+                result.warm = True
+                result.resumed_from_step = step
+                return warm
+        t0 = time.perf_counter()
+        try:
+            ckpt = store.load(run.run_id, step)
+        except CorruptCheckpointError as err:
+            result.corrupt.append(str(err))
+            continue
+        if ckpt.metadata.get("config_hash") not in (None, run.config_hash):
+            raise ValueError(
+                f"checkpoint {run.run_id}@{step} belongs to another configuration "
+                f"({ckpt.metadata.get('config_hash')} != {run.config_hash})"
+            )
+        trainer = warm.trainer if warm is not None else build_trainer(run)
+        trainer.restore(ckpt.tensors, ckpt.metadata)
+        result.load_s += time.perf_counter() - t0
+        result.resumed_from_step = step
+        return WarmTrainer(key, trainer, ckpt.ref, float(ckpt.metadata.get("productive_s", 0.0)))
+    # Nothing verified (a new run, or every checkpoint corrupt: result.corrupt says so): start over.
+    trainer = warm.trainer if warm is not None else build_trainer(run)
+    trainer.init_fresh()
+    result.resumed_from_step = None
+    return WarmTrainer(key, trainer, None)
+
+
+def _fire(event: chaos.ChaosEvent, store: CheckpointStore, run_id: str) -> bool:
+    """True when this event has not fired in this run before (and is now recorded as fired)."""
+    return store.create_json_exclusive(
+        run_id, event.record_name, {"fired_unix": time.time(), "pid": os.getpid(),
+                                    "worker": progress.worker_name()})
+
+
+def _inject_before_step(plan: chaos.ChaosPlan, store: CheckpointStore, job: GroupJob,
+                        step: int, random_events: list[chaos.ChaosEvent]) -> None:
+    for event in plan.events_at(step) + [e for e in random_events if e.step == step]:
+        if event.kind not in ("raise", "kill-worker", "hang") or not _fire(event, store, job.run.run_id):
+            continue
+        if event.kind == "raise":
+            raise chaos.ChaosError(f"chaos: raise@{step}")
+        if event.kind == "kill-worker":
+            chaos.kill_this_process()
+        if event.kind == "hang":
+            chaos.hang(HANG_DURATION)
+
+
+def _save(store: CheckpointStore, warm: WarmTrainer, result: GroupResult, run: RunSpec,
+          extra: dict) -> CheckpointRef:
+    t0 = time.perf_counter()
+    tensors, meta = warm.trainer.capture(extra)
+    meta["config_hash"] = run.config_hash
+    ref = store.save(run.run_id, warm.trainer.step, tensors, meta)
+    result.ckpt_s += time.perf_counter() - t0
+    result.checkpoints.append(ref.step)
+    warm.at_ref = ref
+    return ref
+
+
+def run_group(job: GroupJob) -> GroupResult:
+    """Train the group (first_step, last_step] and return a reference to its last checkpoint."""
+    run = job.run
+    store = open_store(run.store_url)
+    result = GroupResult(ref={}, step=job.first_step, worker=progress.worker_name())
+    done = _verified_committed(store, run.run_id, job.last_step)
+    if done is not None:
+        result.ref, result.step, result.reused = done.to_dict(), done.step, True
+        return result
+    started_unix = time.time()
+    plan = chaos.parse_chaos(run.chaos_spec)
+    random_events = plan.random_events(int(run.train_config.get("seed", 0)), job.first_step,
+                                       job.last_step)
+    warm = _restore_start(store, job, result)
+    _record_attempt(store, job, started_unix, result.resumed_from_step)
+    trainer = warm.trainer
+    productive_s = warm.productive_s
+    losses: list[float] = []
+    ref = warm.at_ref
+    try:
+        while trainer.step < job.last_step:
+            next_step = trainer.step + 1
+            _inject_before_step(plan, store, job, next_step, random_events)
+            step_result = trainer.train_step()
+            productive_s += step_result.seconds
+            result.steps_trained += 1
+            result.train_s += step_result.seconds
+            result.tokens += step_result.tokens
+            losses.append(step_result.loss)
+            result.losses.append((trainer.step, step_result.loss))
+            at_boundary = trainer.step % job.ckpt_every == 0 or trainer.step == job.last_step
+            past_deadline = job.deadline_unix is not None and time.time() >= job.deadline_unix
+            if at_boundary or past_deadline:
+                ref = _save(store, warm, result, run, {"productive_s": productive_s,
+                                                       "train_loss": step_result.loss})
+                store.gc(run.run_id, keep_last=run.keep_last, protect=job.protect_steps)
+            progress.emit(run.run_id, step=trainer.step, loss=step_result.loss,
+                          tokens=step_result.tokens, seconds=step_result.seconds,
+                          ckpt=ref.step if ref is not None else None)
+            if past_deadline:
+                result.stopped_early = True
+                break
+    except BaseException:
+        drop_warm()
+        raise
+    if ref is None:
+        # The group trained nothing new (its start already was its end): commit the start.
+        ref = _save(store, warm, result, run, {"productive_s": productive_s})
+    warm.productive_s = productive_s
+    put_warm(warm)
+    result.ref, result.step = ref.to_dict(), ref.step
+    tail = losses[-10:]
+    result.train_loss = sum(tail) / len(tail) if tail else None
+    return result

@@ -1,0 +1,81 @@
+"""The small values that travel through Prefect and Dask: jobs in, checkpoint references out."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a worker needs to rebuild a run's trainer; identical for every task of a run."""
+
+    run_id: str
+    """Run name: `<store>/<run_id>/`."""
+    store_url: str
+    """Checkpoint store URL (local path or fsspec URL) every worker can reach."""
+    train_config: dict[str, Any]
+    """`training.config.TrainConfig` fields."""
+    data_path: str | None
+    """Corpus path; None = the Python standard library's source."""
+    config_hash: str
+    """Hash of everything that changes the math; checked against each checkpoint loaded."""
+    chaos_spec: str = ""
+    """DESIGN.md section 6 chaos spec."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    keep_last: int = 3
+    """Retention: the newest checkpoints kept (plus protected epoch ends)."""
+
+
+@dataclass(frozen=True)
+class GroupJob:
+    """Train the steps (first_step, last_step] of one batch group."""
+
+    run: RunSpec
+    first_step: int
+    """Step the group starts from (the previous group's last step)."""
+    last_step: int
+    """Step at which the group ends with a checkpoint."""
+    ckpt_every: int
+    """Checkpoint at every multiple of this step inside the group (plus the group's end)."""
+    protect_steps: tuple[int, ...] = ()
+    """Checkpoints retention must keep (epoch ends)."""
+    deadline_unix: float | None = None
+    """Wall-clock time after which the group stops at its next checkpoint (--time-budget)."""
+
+
+@dataclass
+class GroupResult:
+    """What a batch group hands back: a reference to its last checkpoint and its metrics."""
+
+    ref: dict[str, Any]
+    """`storage.CheckpointRef.to_dict()` of the last committed checkpoint."""
+    step: int
+    """Step of that checkpoint."""
+    stopped_early: bool = False
+    """True when a deadline stopped the group before last_step."""
+    reused: bool = False
+    """True when the group's checkpoint was already committed and no step was trained."""
+    resumed_from_step: int | None = None
+    """Checkpoint step the group's training started from."""
+    warm: bool = False
+    """True when the worker's in-memory state was used instead of loading the checkpoint."""
+    steps_trained: int = 0
+    train_loss: float | None = None
+    """Mean loss over the group's last few steps."""
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    tokens: int = 0
+    train_s: float = 0.0
+    """Seconds spent in optimizer steps."""
+    ckpt_s: float = 0.0
+    """Seconds spent saving checkpoints (the training stall)."""
+    load_s: float = 0.0
+    checkpoints: list[int] = field(default_factory=list)
+    """Steps committed by this group."""
+    worker: str | None = None
+    corrupt: list[str] = field(default_factory=list)
+    """One line per corrupt checkpoint skipped on load."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,32 @@
+"""Per-step progress from a worker to whoever watches the run (the local progress bar).
+
+Events go through the Dask scheduler's event log (`Worker.log_event`), fire-and-forget, so a
+slow or absent watcher never slows training. Outside a Dask worker they are dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PROGRESS_TOPIC = "rebound-progress"
+
+
+def emit(run_id: str, **fields: Any) -> None:
+    """Publish one progress event of run_id (no-op outside a Dask worker)."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return
+    worker.log_event(PROGRESS_TOPIC, {"run_id": run_id, **fields})
+
+
+def worker_name() -> str | None:
+    """Address of the Dask worker running this code, None elsewhere."""
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError):
+        return None

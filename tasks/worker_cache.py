@@ -1,0 +1,63 @@
+"""What a warm worker keeps between tasks: the corpus and the trainer of the run it last served.
+
+A Dask worker process outlives its tasks, so it has already paid for `import torch`, for the
+first AdamW step and for reading the corpus. Keeping the trainer here lets the next batch group
+continue from memory when its starting checkpoint is the one this worker committed last.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from storage import CheckpointRef
+from training.data import Corpus, load_corpus
+from training.loop import Trainer
+
+_lock = threading.Lock()
+_corpora: dict[str | None, Corpus] = {}
+
+
+@dataclass
+class WarmTrainer:
+    key: tuple[str, str]
+    """(run_id, config_hash) the trainer belongs to."""
+    trainer: Trainer
+    at_ref: CheckpointRef | None
+    """The committed checkpoint whose state equals the trainer's memory; None = unknown."""
+    productive_s: float = 0.0
+    """Training seconds of every step in this state's lineage (carried in checkpoint metadata)."""
+
+
+_warm: WarmTrainer | None = None
+
+
+def corpus_for(data_path: str | None) -> Corpus:
+    """The corpus at data_path, read once per worker process."""
+    with _lock:
+        if data_path not in _corpora:
+            _corpora.clear()  # one run's corpus at a time: they can be tens of MiB
+            _corpora[data_path] = load_corpus(data_path)
+        return _corpora[data_path]
+
+
+def take_warm(key: tuple[str, str]) -> WarmTrainer | None:
+    """Hand the warm trainer over if it belongs to this run; the caller owns it until `put_warm`."""
+    global _warm
+    with _lock:
+        warm, _warm = _warm, None
+    return warm if warm is not None and warm.key == key else None
+
+
+def put_warm(warm: WarmTrainer) -> None:
+    """Keep a trainer whose memory equals the committed checkpoint `warm.at_ref`."""
+    global _warm
+    with _lock:
+        _warm = warm
+
+
+def drop_warm() -> None:
+    """Forget the warm trainer (after a failure its memory matches no checkpoint)."""
+    global _warm
+    with _lock:
+        _warm = None

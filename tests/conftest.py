@@ -1,0 +1,36 @@
+"""Session-wide fixtures: one real Prefect API (temporary SQLite server) for every flow test.
+
+Its URL goes into os.environ so that CLI subprocesses and the Dask workers they spawn report to
+this one server instead of each starting its own (STACK-NOTES: the ephemeral-server trap).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="rebound-tests-"))
+os.environ.setdefault("PREFECT_HOME", str(_SESSION_TMP / "prefect-home"))
+os.environ.setdefault("REBOUND_HOME", str(_SESSION_TMP / "rebound-home"))
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """URL of a real temporary Prefect API, exported to every process the tests start."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        url = PREFECT_API_URL.value()
+        os.environ["PREFECT_API_URL"] = url
+        try:
+            yield url
+        finally:
+            os.environ.pop("PREFECT_API_URL", None)

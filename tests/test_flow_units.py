@@ -1,0 +1,74 @@
+"""Unit tests of the flow's pure parts: parameters, the group plan, chaos specs, Young/Daly."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from flows.params import TrainParams, parse_duration_s
+from flows.plan import make_groups, young_daly_interval
+from tasks.chaos import ChaosEvent, parse_chaos
+
+
+def test_groups_cover_every_step_once_and_never_cross_an_epoch_end() -> None:
+    groups = make_groups(stop_at=95, total=100, group_steps=20, epoch_steps=30)
+    assert groups[0].first_step == 0 and groups[-1].last_step == 95
+    for a, b in zip(groups, groups[1:], strict=False):
+        assert a.last_step == b.first_step
+    assert all(g.last_step - g.first_step <= 20 for g in groups)
+    ends = [g.last_step for g in groups if g.epoch_end]
+    assert ends == [30, 60, 90]
+    assert all(g.first_step // 30 == (g.last_step - 1) // 30 for g in groups)
+
+
+def test_durations() -> None:
+    assert parse_duration_s("2h") == 7200
+    assert parse_duration_s("90") == 90
+    assert parse_duration_s("1.5m") == 90
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration_s("soon")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"run_id": "../escape"}, "run-id"),
+        ({"time_budget": "forever"}, "duration"),
+        ({"chaos": "explode@3"}, "KIND@STEP"),
+        ({"chaos": "raise@0"}, "positive"),
+        ({"ckpt_every": 0}, "ckpt-every"),
+        ({"replicas": 3, "workers": 1, "spares": 1}, "replicas"),
+        ({"until": 50, "steps": 10}, "past"),
+        ({"steps": 0}, "greater than"),
+    ],
+)
+def test_bad_parameters_are_refused_with_the_field_named(fields: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        TrainParams(**fields)
+
+
+def test_chaos_spec_parses_every_kind_and_random() -> None:
+    plan = parse_chaos("kill-worker@120, raise@300,corrupt-latest@200,random:0.25")
+    assert plan.events == (
+        ChaosEvent("kill-worker", 120),
+        ChaosEvent("raise", 300),
+        ChaosEvent("corrupt-latest", 200),
+    )
+    assert plan.random_p == 0.25
+    assert plan.events_at(300) == [ChaosEvent("raise", 300)]
+
+
+def test_random_chaos_is_a_pure_function_of_the_seed() -> None:
+    plan = parse_chaos("random:0.5")
+    draws = [plan.random_events(7, s, s + 10) for s in range(0, 400, 10)]
+    assert draws == [plan.random_events(7, s, s + 10) for s in range(0, 400, 10)]
+    fired = [d for d in draws if d]
+    assert 5 < len(fired) < 35  # p=0.5 over 40 groups
+    assert all(10 * i < d[0].step <= 10 * i + 10 for i, d in enumerate(draws) if d)
+
+
+def test_young_daly_grows_with_checkpoint_cost_and_mtbf() -> None:
+    cheap = young_daly_interval(0.01, 3600, 0.3, 10_000)
+    dear = young_daly_interval(1.0, 3600, 0.3, 10_000)
+    assert dear > cheap >= 1
+    assert young_daly_interval(1.0, 3600, 0.3, 50) == 50  # capped at the group size
