@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import threading
 import time
@@ -139,7 +140,9 @@ def _run(params: Any, plan: Any, server_port: int | None, started: float, show_p
     from flows.report import RunTally, build_summary, print_summary, write_summary_json
     from flows.train import console, train
 
-    # Dask logs each worker's start and stop at INFO; the flow reports what matters.
+    # Dask logs each worker's start and stop at INFO; the flow reports what matters. The
+    # environment variable reaches the worker processes, which configure logging on import.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     logging.getLogger("distributed").setLevel(logging.WARNING)
     use_gpu = params.device == "cuda" or (params.device == "auto" and cuda_available())
     summary: dict[str, Any] | None = None

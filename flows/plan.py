@@ -104,7 +104,8 @@ def run_record(plan: RunPlan, params: TrainParams) -> dict[str, Any]:
     """What the store keeps about a run, to refuse a resume under another configuration."""
     return {"run_id": plan.run.run_id, "config_hash": plan.run.config_hash,
             "model": params.model, "data": plan.run.data_path, "seed": params.seed,
-            "steps": plan.total_steps, "train_config": plan.run.train_config,
+            "steps": plan.total_steps, "threads": plan.run.train_config.get("torch_threads"),
+            "train_config": plan.run.train_config,
             "corpus": plan.corpus_description}
 
 
@@ -117,13 +118,17 @@ def check_store(plan: RunPlan, params: TrainParams) -> bool:
         raise ConfigurationError(f"--store {params.store!r}: {err}") from None
     if existing is None or params.fresh:
         return existing is not None
-    if existing.get("config_hash") != plan.run.config_hash:
-        diffs = [k for k in ("model", "data", "seed", "steps")
-                 if existing.get(k) != run_record(plan, params).get(k)]
+    record = run_record(plan, params)
+    # Threads are outside the config hash (they don't change the math's meaning) but they do
+    # change float summation order, so a bit-exact resume needs the same number.
+    if existing.get("config_hash") != plan.run.config_hash or \
+            existing.get("threads", record["threads"]) != record["threads"]:
+        diffs = [k for k in ("model", "data", "seed", "steps", "threads")
+                 if existing.get(k, record[k]) != record[k]]
         what = ", ".join(f"{k} {existing.get(k)!r}" for k in diffs) or "another configuration"
         raise ConfigurationError(
             f"run {plan.run.run_id!r} in {params.store} was made with {what}; "
-            "use another --run-id or --fresh to start it over")
+            "pass the same options, another --run-id, or --fresh to start it over")
     return True
 
 

@@ -199,7 +199,7 @@ def test_incompatible_existing_run_exits_2_and_touches_nothing(
 ) -> None:
     store = workdir / "store"
     before = tree_state(store / "reference")
-    for change in (["--steps", "60"], ["--seed", "7"]):
+    for change in (["--steps", "60"], ["--seed", "7"], ["--threads", "2"]):
         done = run_cli(_args(store, corpus, "reference") + change, timeout_s=60)
         assert done.returncode == 2, done.stderr
         lines = [line for line in done.stderr.splitlines() if line.strip()]
