@@ -27,7 +27,8 @@ def collect_failures(store: CheckpointStore, run_id: str, since_unix: float) -> 
         detected = recovered = lost = None
         if retry is not None:
             detected = round(retry["started_unix"] - event["fired_unix"], 3)
-            recovered = round(retry.get("ready_unix", retry["started_unix"]) - event["fired_unix"], 3)
+            back = retry.get("first_step_unix") or retry.get("ready_unix") or retry["started_unix"]
+            recovered = round(back - event["fired_unix"], 3)
             resumed = retry.get("resumed_from_step") or 0
             lost = max(0, step - 1 - resumed)
         failures.append({"kind": kind, "step": step, "worker": event.get("worker"),

@@ -38,16 +38,9 @@ def _verified_committed(store: CheckpointStore, run_id: str, step: int) -> Check
     return store.ref(run_id, step)
 
 
-def _record_attempt(store: CheckpointStore, job: GroupJob, started_unix: float,
-                    resumed_from_step: int | None) -> None:
+def _record_attempt(store: CheckpointStore, job: GroupJob, name: str, doc: dict) -> None:
     """One record per attempt, so the flow learns of reruns Prefect does not count."""
-    store.write_json(
-        job.run.run_id,
-        f"attempts/{job.last_step:012d}-{uuid.uuid4().hex[:8]}",
-        {"first_step": job.first_step, "last_step": job.last_step, "pid": os.getpid(),
-         "worker": progress.worker_name(), "started_unix": started_unix,
-         "ready_unix": time.time(), "resumed_from_step": resumed_from_step},
-    )
+    store.write_json(job.run.run_id, name, doc)
 
 
 def _restore_start(store: CheckpointStore, job: GroupJob, result: GroupResult) -> WarmTrainer:
@@ -131,7 +124,12 @@ def run_group(job: GroupJob) -> GroupResult:
     random_events = plan.random_events(int(run.train_config.get("seed", 0)), job.first_step,
                                        job.last_step)
     warm = _restore_start(store, job, result)
-    _record_attempt(store, job, started_unix, result.resumed_from_step)
+    attempt_name = f"attempts/{job.last_step:012d}-{uuid.uuid4().hex[:8]}"
+    attempt = {"first_step": job.first_step, "last_step": job.last_step, "pid": os.getpid(),
+               "worker": progress.worker_name(), "started_unix": started_unix,
+               "ready_unix": time.time(), "resumed_from_step": result.resumed_from_step,
+               "first_step_unix": None}
+    _record_attempt(store, job, attempt_name, attempt)
     trainer = warm.trainer
     productive_s = warm.productive_s
     losses: list[float] = []
@@ -147,6 +145,10 @@ def run_group(job: GroupJob) -> GroupResult:
             result.tokens += step_result.tokens
             losses.append(step_result.loss)
             result.losses.append((trainer.step, step_result.loss))
+            if attempt["first_step_unix"] is None:
+                # When this attempt first completed a step: the end of a recovery.
+                attempt["first_step_unix"] = time.time()
+                _record_attempt(store, job, attempt_name, attempt)
             at_boundary = trainer.step % job.ckpt_every == 0 or trainer.step == job.last_step
             past_deadline = job.deadline_unix is not None and time.time() >= job.deadline_unix
             if at_boundary or past_deadline:
