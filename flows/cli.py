@@ -44,6 +44,11 @@ OPTION_HELP = {
     "replicas": "run each batch group on this many workers (default 1)",
     "replica_policy": "first: the first replica to finish wins; vote: majority of state hashes",
     "retries": "retries of a failed batch group before its epoch fails (default 2)",
+    "hang_timeout": "a batch group that reports no progress for DUR is hung: its worker is "
+                    "restarted and the group rerun (default 5m)",
+    "cluster_timeout": "fail the run (exit 1) when the Dask scheduler is unreachable for DUR "
+                       "(default 30s)",
+    "no_worker_timeout": "fail the run (exit 1) when no Dask worker is left for DUR (default 60s)",
     "chaos": "inject failures, e.g. kill-worker@120,raise@300,corrupt-latest@200 or random:0.05",
     "summary_json": "write the run summary (JSON) here when the run ends, also when it fails",
 }
@@ -92,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-policy", choices=("first", "vote"), default="first",
                    help=h["replica_policy"])
     p.add_argument("--retries", type=int, default=2, help=h["retries"])
+    p.add_argument("--hang-timeout", default="5m", metavar="DUR", help=h["hang_timeout"])
+    p.add_argument("--cluster-timeout", default="30s", metavar="DUR", help=h["cluster_timeout"])
+    p.add_argument("--no-worker-timeout", default="60s", metavar="DUR",
+                   help=h["no_worker_timeout"])
     p.add_argument("--chaos", metavar="SPEC", help=h["chaos"])
     p.add_argument("--summary-json", metavar="FILE", help=h["summary_json"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
@@ -138,7 +147,7 @@ def _run(params: Any, plan: Any, server_port: int | None, started: float, show_p
     from flows.prefect_env import local_prefect_server, rebound_home
     from flows.progress_view import ProgressView
     from flows.report import RunTally, build_summary, print_summary, write_summary_json
-    from flows.train import console, train
+    from flows.train import RunFailed, console, train
 
     # Dask logs each worker's start and stop at INFO; the flow reports what matters. The
     # environment variable reaches the worker processes, which configure logging on import.
@@ -163,6 +172,8 @@ def _run(params: Any, plan: Any, server_port: int | None, started: float, show_p
                 summary = train(flow_params)
         except KeyboardInterrupt:
             status, reason = EXIT_FAILED, "interrupted"
+        except RunFailed as failed:
+            status, reason, summary = EXIT_FAILED, str(failed), failed.summary
         except Exception as err:  # noqa: BLE001 - every failure ends in a summary and exit 1
             from flows.plan import ConfigurationError
 
@@ -171,10 +182,11 @@ def _run(params: Any, plan: Any, server_port: int | None, started: float, show_p
         finally:
             if cluster_cm is not None:
                 cluster_cm.__exit__(None, None, None)
+    if status == EXIT_FAILED:
+        sys.stderr.write(f"error: run {plan.run.run_id} failed: {reason}\n")
     if summary is None:
         tally = RunTally(plan.run.run_id, params.store, started)
         summary = build_summary(tally, "failed", reason, time.time() - started)
-        sys.stderr.write(f"error: run {plan.run.run_id} failed: {reason}\n")
     else:
         wall = time.time() - started
         summary["wall_s"] = round(wall, 3)

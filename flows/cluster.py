@@ -43,7 +43,7 @@ def local_cluster(n_workers: int, local_directory: Path, use_gpu: bool) -> Itera
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
-            dashboard_address=None,
+            dashboard_address="127.0.0.1:0",
             silence_logs=logging.ERROR,
             local_directory=str(local_directory),
             preload=["tasks.preload"],

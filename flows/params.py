@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from datetime import timedelta
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from flows.supervise import Watchdog
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -47,6 +51,9 @@ class TrainParams(BaseModel):
     replicas: int = Field(1, ge=1, le=8, description="Run each batch group on this many workers.")
     replica_policy: Literal["first", "vote"] = Field("first", description="Which replica's result wins.")
     retries: int = Field(2, ge=0, le=20, description="Retries of a failed batch group.")
+    hang_timeout: str = Field("5m", description="A batch group silent this long is hung: its worker is restarted.")
+    cluster_timeout: str = Field("30s", description="Scheduler unreachable this long: the run fails (exit 1).")
+    no_worker_timeout: str = Field("60s", description="No Dask worker at all this long: the run fails (exit 1).")
     chaos: str | None = Field(None, description="Failures to inject, e.g. kill-worker@120,raise@300.")
     summary_json: str | None = Field(None, description="Write the run summary here when the run ends.")
 
@@ -57,7 +64,7 @@ class TrainParams(BaseModel):
             raise ValueError(f"--run-id {value!r}: use letters, digits, '.', '_' and '-' (max 128)")
         return value
 
-    @field_validator("time_budget", "mtbf")
+    @field_validator("time_budget", "mtbf", "hang_timeout", "cluster_timeout", "no_worker_timeout")
     @classmethod
     def _is_duration(cls, value: str | None) -> str | None:
         if value is not None:
@@ -98,3 +105,11 @@ class TrainParams(BaseModel):
     @property
     def mtbf_s(self) -> float:
         return parse_duration_s(self.mtbf)
+
+    @property
+    def watchdog(self) -> Watchdog:
+        from flows.supervise import Watchdog
+
+        return Watchdog(hang_timeout=timedelta(seconds=parse_duration_s(self.hang_timeout)),
+                        scheduler_timeout=timedelta(seconds=parse_duration_s(self.cluster_timeout)),
+                        no_worker_timeout=timedelta(seconds=parse_duration_s(self.no_worker_timeout)))

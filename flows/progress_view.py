@@ -51,7 +51,7 @@ class ProgressView:
 
     def _on_event(self, event: tuple[float, dict[str, Any]]) -> None:
         _, msg = event
-        if msg.get("run_id") != self.run_id:
+        if msg.get("run_id") != self.run_id or "loss" not in msg:
             return
         now = time.monotonic()
         self._window = [(t, n) for t, n in self._window if now - t < 10.0]

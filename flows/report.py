@@ -29,6 +29,23 @@ class RunTally:
     losses: list[tuple[int, float]] = field(default_factory=list)
     evals: list[tuple[int, float]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
+    infra_failures: list[dict[str, Any]] = field(default_factory=list)
+    """KilledWorker and the like, seen by the flow (time, reason)."""
+    worker_losses: list[dict[str, Any]] = field(default_factory=list)
+    """Scheduler remove-worker events: (worker, removed_unix, processing)."""
+    hangs: list[dict[str, Any]] = field(default_factory=list)
+    """Hung groups the watchdog restarted (worker, detected_unix)."""
+    corrupt_on_resume: list[str] = field(default_factory=list)
+
+    def absorb_epoch(self, out: dict[str, Any]) -> None:
+        """Fold one epoch subflow's outcome into the run's tally."""
+        self.checkpoints_committed += out["checkpoints"]
+        self.checkpoint_stall_s += out["stall_s"]
+        self.losses += out["losses"]
+        self.evals += out["evals"]
+        self.infra_failures += out["infra_failures"]
+        if out["evals"]:
+            self.eval_loss = out["evals"][-1][1]
 
 
 def build_summary(tally: RunTally, status: str, reason: str | None, wall_s: float) -> dict[str, Any]:

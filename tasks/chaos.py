@@ -99,3 +99,16 @@ def hang(duration: timedelta) -> None:
     deadline = time.monotonic() + duration.total_seconds()
     while time.monotonic() < deadline:
         time.sleep(0.5)
+
+
+def flip_byte(checkpoint_dir: str, array: str, chunk_key: str, offset: int) -> str:
+    """Flip one byte of a chunk file on disk (bit rot); returns the file's path."""
+    path = os.path.join(checkpoint_dir, *array.split("/"), *chunk_key.split("/"))
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+        f.flush()
+        os.fsync(f.fileno())
+    return path

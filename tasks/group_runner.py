@@ -12,7 +12,8 @@ import time
 import uuid
 from datetime import timedelta
 
-from storage import CheckpointRef, CorruptCheckpointError, open_store
+from storage import CheckpointRef, CorruptCheckpointError, TransientStoreError, open_store
+from storage.faults import ENV as STORAGE_FAULT_ENV
 from storage.store import CheckpointStore
 from tasks import chaos, progress
 from tasks.jobs import GroupJob, GroupResult, RunSpec
@@ -22,6 +23,9 @@ from training.loop import Trainer
 
 HANG_DURATION = timedelta(hours=1)
 """How long a `hang` chaos event stalls: far beyond any task timeout."""
+
+SAVE_RETRY_DELAYS_S = (0.5, 1.0, 2.0)
+"""Backoff between tries of a checkpoint save that failed on transient I/O."""
 
 
 def build_trainer(run: RunSpec) -> Trainer:
@@ -98,12 +102,47 @@ def _inject_before_step(plan: chaos.ChaosPlan, store: CheckpointStore, job: Grou
             chaos.hang(HANG_DURATION)
 
 
+def _arm_kill_during_save(plan: chaos.ChaosPlan, store: CheckpointStore, job: GroupJob,
+                          step: int) -> None:
+    """kill-during-save: the writer SIGKILLs itself after a few chunk files of this save."""
+    for event in plan.events_at(step):
+        if event.kind == "kill-during-save" and _fire(event, store, job.run.run_id):
+            os.environ[STORAGE_FAULT_ENV] = "chunks:3"
+
+
+def _corrupt_after_commit(plan: chaos.ChaosPlan, store: CheckpointStore, job: GroupJob,
+                          ref: CheckpointRef) -> bool:
+    """corrupt-latest: flip one byte of one chunk of the checkpoint just committed."""
+    for event in plan.events_at(ref.step):
+        if event.kind == "corrupt-latest" and _fire(event, store, job.run.run_id):
+            manifest, _ = store.read_manifest(ref.run_id, ref.step)
+            entry = max(manifest.arrays, key=lambda a: a.layout.data_nbytes)
+            chunk = entry.layout.chunks[0]
+            chaos.flip_byte(store.checkpoint_url(ref.run_id, ref.step), entry.layout.name,
+                            chunk.key, chunk.data_nbytes // 2)
+            return True
+    return False
+
+
 def _save(store: CheckpointStore, warm: WarmTrainer, result: GroupResult, run: RunSpec,
           extra: dict) -> CheckpointRef:
+    """Commit the trainer's state; transient I/O errors are retried with backoff."""
     t0 = time.perf_counter()
     tensors, meta = warm.trainer.capture(extra)
     meta["config_hash"] = run.config_hash
-    ref = store.save(run.run_id, warm.trainer.step, tensors, meta)
+    for attempt, delay in enumerate(SAVE_RETRY_DELAYS_S + (None,)):
+        try:
+            ref = store.save(run.run_id, warm.trainer.step, tensors, meta)
+            os.environ.pop(STORAGE_FAULT_ENV, None)  # an armed fault is for one save only
+            break
+        except TransientStoreError as err:
+            if delay is None:
+                raise
+            result.save_retries.append(f"step {warm.trainer.step} try {attempt + 1}: {err}")
+            time.sleep(delay)
+    stats = store.last_save_stats
+    if stats is not None:
+        result.bytes_reused += stats.bytes_reused
     result.ckpt_s += time.perf_counter() - t0
     result.checkpoints.append(ref.step)
     warm.at_ref = ref
@@ -131,6 +170,7 @@ def run_group(job: GroupJob) -> GroupResult:
                "first_step_unix": None}
     _record_attempt(store, job, attempt_name, attempt)
     trainer = warm.trainer
+    progress.emit(run.run_id, step=trainer.step, phase="ready")
     productive_s = warm.productive_s
     losses: list[float] = []
     ref = warm.at_ref
@@ -152,9 +192,14 @@ def run_group(job: GroupJob) -> GroupResult:
             at_boundary = trainer.step % job.ckpt_every == 0 or trainer.step == job.last_step
             past_deadline = job.deadline_unix is not None and time.time() >= job.deadline_unix
             if at_boundary or past_deadline:
+                _arm_kill_during_save(plan, store, job, trainer.step)
                 ref = _save(store, warm, result, run, {"productive_s": productive_s,
                                                        "train_loss": step_result.loss})
                 store.gc(run.run_id, keep_last=run.keep_last, protect=job.protect_steps)
+                if _corrupt_after_commit(plan, store, job, ref):
+                    # Bit rot is found by the next load: make sure one happens.
+                    drop_warm()
+                    warm.at_ref = None
             progress.emit(run.run_id, step=trainer.step, loss=step_result.loss,
                           tokens=step_result.tokens, seconds=step_result.seconds,
                           ckpt=ref.step if ref is not None else None)
@@ -169,6 +214,9 @@ def run_group(job: GroupJob) -> GroupResult:
         ref = _save(store, warm, result, run, {"productive_s": productive_s})
     warm.productive_s = productive_s
     put_warm(warm)
+    attempt.update(ended_unix=time.time(), bytes_reused=result.bytes_reused,
+                   save_retries=len(result.save_retries))
+    _record_attempt(store, job, attempt_name, attempt)
     result.ref, result.step = ref.to_dict(), ref.step
     tail = losses[-10:]
     result.train_loss = sum(tail) / len(tail) if tail else None

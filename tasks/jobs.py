@@ -76,6 +76,10 @@ class GroupResult:
     worker: str | None = None
     corrupt: list[str] = field(default_factory=list)
     """One line per corrupt checkpoint skipped on load."""
+    save_retries: list[str] = field(default_factory=list)
+    """One line per checkpoint save retried after a transient I/O error."""
+    bytes_reused: int = 0
+    """Chunk bytes a save took over from an interrupted earlier save of the same step."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

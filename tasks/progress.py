@@ -19,7 +19,7 @@ def emit(run_id: str, **fields: Any) -> None:
         worker = get_worker()
     except (ImportError, ValueError):
         return
-    worker.log_event(PROGRESS_TOPIC, {"run_id": run_id, **fields})
+    worker.log_event(PROGRESS_TOPIC, {"run_id": run_id, "worker": worker.address, **fields})
 
 
 def worker_name() -> str | None:

@@ -1,0 +1,409 @@
+"""bench.recovery: from a SIGKILLed training process to the next completed step, side by side.
+
+Both contenders train the same model preset on the same data for the same steps with the same
+checkpoint interval N, and lose their training process once, right after step K (--kill-after)
+has completed:
+  rebound   `python -m flows.train --workers 1 --spares 1 --chaos kill-worker@K+1` on a Dask
+            LocalCluster of two worker processes: the Dask worker that is about to start step
+            K+1 SIGKILLs itself (`fired_unix` in the store: the time just before the kill); the
+            batch group runs again on the other worker from the newest verified checkpoint.
+  torchrun  `torchrun --standalone --nproc-per-node=1 --max-restarts=3 bench/torchrun_train.py`:
+            the same Trainer with torch.save checkpoints every N steps (tmp + fsync + rename) that
+            resumes from its checkpoint on start. The benchmark tails the script's step log and
+            SIGKILLs the training child by PID half a step-time after it logged step K; the
+            elastic agent starts a new process.
+
+Rows (one per contender; with --rounds R each number is the median over R rounds):
+  recovery_s   kill -> the first optimizer step completed after it (Rebound: the first
+               `first_step_unix` of an attempt that started after the kill minus the kill's
+               `fired_unix`; torchrun: the first step logged by a new PID minus the kill time)
+  detected_s   kill -> the replacement started (Rebound: the retried attempt's `started_unix`;
+               torchrun: the new process's start, before `import torch`)
+  steps_lost   steps the killed process had completed that had to be trained again
+               (last step completed before the kill - the step the replacement resumed from)
+  step_s       time of one training step: torchrun the median gap between consecutive logged
+               steps of one process; Rebound productive_s / final_step of its summary (Rebound
+               keeps no per-step record, so this is the mean of the steps that survived)
+  wall_s       the whole contender run, process start to exit (start-up included)
+  summary_recovered_s, summary_lost_steps
+               Rebound only: the failure entry of its --summary-json, as a cross-check
+Ratio (higher = Rebound recovers faster; target >= 2):
+  torchrun_vs_rebound_recovery_time = torchrun recovery_s / rebound recovery_s
+
+Both contenders reach the same final weights when their resume is exact; the table says whether
+the final state_hash values (DESIGN.md §2) agree. The two run one after the other (never
+together: on a 2-core machine they would slow each other down), in alternating order per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN_SCRIPT = ROOT / "bench" / "torchrun_train.py"
+REBOUND_RUN_ID = "bench-recovery"
+POLL_S = 0.005
+"""How often the step log is read while waiting for the kill point: well under a step."""
+STOP_GRACE_S = 5.0
+"""SIGTERM -> SIGKILL grace when a contender has to be stopped (failure or timeout)."""
+
+
+class BenchError(RuntimeError):
+    """A contender did not do what the measurement needs (failed, hung, never recovered)."""
+
+
+@contextmanager
+def _process(cmd: list[str], log_dir: Path, name: str, env: dict[str, str] | None = None
+             ) -> Iterator[subprocess.Popen[bytes]]:
+    """Start cmd in its own session and always stop its whole process group afterwards.
+
+    Its own session, so that the group id is its PID: stopping the group also stops what it
+    spawned (Dask nanny and workers, torchrun's child, Prefect's server) and nothing else.
+    Output goes to files (a pipe nobody reads would block a chatty child).
+    """
+    out = open(log_dir / f"{name}.out", "wb")  # noqa: SIM115 (closed in finally)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        yield proc
+    finally:
+        _stop_group(proc)
+        out.close()
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group of proc, then SIGKILL what is left after a grace period.
+
+    Also when proc itself already exited: a worker it spawned may have outlived it.
+    """
+    pgid = proc.pid
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + STOP_GRACE_S
+        while time.monotonic() < deadline:
+            if proc.poll() is not None and not _group_alive(pgid):
+                break
+            time.sleep(0.05)
+    if proc.poll() is None:
+        proc.wait(timeout=STOP_GRACE_S)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout_s: float, name: str, log: Path) -> None:
+    """Wait for a contender to exit 0; BenchError with the tail of its output otherwise."""
+    try:
+        rc = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"{name} did not finish within {timeout_s:.0f} s; see {_tail(log)}") from e
+    if rc != 0:
+        raise BenchError(f"{name} exited {rc}:\n{_tail(log)}")
+
+
+def _tail(log: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no output)"
+
+
+# ---- (a) Rebound --------------------------------------------------------------------------
+
+def run_rebound(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """One Rebound run with a worker killed as it starts step kill_after + 1; its numbers."""
+    from storage import open_store  # the store's reader only; nothing of Prefect/Dask here
+
+    store_dir = workdir / "store"
+    summary_path = workdir / "summary.json"
+    kill_step = args.kill_after + 1
+    cmd = [sys.executable, "-m", "flows.train", "--no-progress", "--model", args.model,
+           "--steps", str(args.steps), "--group-steps", str(args.group_steps),
+           "--ckpt-every", str(args.ckpt_every), "--workers", "1", "--spares", "1",
+           "--threads", str(args.threads), "--chaos", f"kill-worker@{kill_step}",
+           "--store", str(store_dir), "--run-id", REBOUND_RUN_ID, "--fresh",
+           "--summary-json", str(summary_path), *(["--data", args.data] if args.data else [])]
+    started = time.time()
+    with _process(cmd, workdir, "rebound") as proc:
+        _wait(proc, args.timeout, "rebound (python -m flows.train)", workdir / "rebound.out")
+    wall_s = time.time() - started
+
+    summary = json.loads(summary_path.read_text())
+    store = open_store(str(store_dir))
+    fired = dict(store.list_json(REBOUND_RUN_ID, "chaos"))
+    event = fired.get(f"chaos/kill-worker@{kill_step}")
+    if event is None:
+        raise BenchError(f"rebound: chaos kill-worker@{kill_step} never fired (records: {list(fired)})")
+    killed_at = float(event["fired_unix"])
+    # The recovery is the first attempt that started after the kill and completed a step.
+    attempts = sorted((doc for _, doc in store.list_json(REBOUND_RUN_ID, "attempts")
+                       if doc["started_unix"] > killed_at and doc.get("first_step_unix")),
+                      key=lambda d: d["started_unix"])
+    if not attempts:
+        raise BenchError("rebound: no attempt after the kill completed a step")
+    retry = attempts[0]
+    resumed_from = int(retry.get("resumed_from_step") or 0)
+    failure = next((f for f in summary.get("failures", [])
+                    if f["kind"] == "kill-worker" and f["step"] == kill_step), {})
+    final_step = int(summary["final_step"])
+    return {
+        "recovery_s": float(retry["first_step_unix"]) - killed_at,
+        "detected_s": float(retry["started_unix"]) - killed_at,
+        # The killed worker had completed kill_after (it died starting the next step).
+        "steps_lost": args.kill_after - resumed_from,
+        "step_s": float(summary["productive_s"]) / final_step if final_step else float("nan"),
+        "wall_s": wall_s,
+        "final_loss": float(summary["train_loss"]),
+        "summary_recovered_s": failure.get("recovered_after_s"),
+        "summary_lost_steps": failure.get("lost_steps"),
+        "state_hash": summary.get("state_hash"),
+        "status": summary.get("status"),
+    }
+
+
+# ---- (b) torchrun -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Step:
+    step: int
+    unix: float
+    pid: int
+
+
+def _read_steps(path: Path) -> list[_Step]:
+    """The complete lines of the script's step log (a line being written is left for later)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    steps = []
+    for line in text.splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break
+        step, unix, pid = line.split()
+        steps.append(_Step(int(step), float(unix), int(pid)))
+    return steps
+
+
+def _parent_pid(pid: int) -> int | None:
+    """PPid of a live process (Linux /proc); None when it is gone or /proc is unavailable."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("PPid:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _median_gap(steps: list[_Step]) -> float:
+    """Median time between consecutive steps of one process (checkpoint steps included)."""
+    gaps = [b.unix - a.unix for a, b in zip(steps, steps[1:], strict=False)
+            if b.pid == a.pid and b.step == a.step + 1]
+    if not gaps:
+        raise BenchError("torchrun: too few steps logged to time a step")
+    return statistics.median(gaps)
+
+
+def _torchrun_cmd() -> list[str]:
+    # The venv's torchrun (same interpreter as us); the module form is the same entry point.
+    exe = Path(sys.executable).with_name("torchrun")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def _kill_training_child(proc: subprocess.Popen[bytes], steps_log: Path, kill_after: int,
+                         timeout_s: float) -> tuple[float, int]:
+    """Wait for step kill_after in the log, then SIGKILL its process by PID half a step later.
+
+    Returns (kill time, killed PID).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        steps = _read_steps(steps_log)
+        hit = next((s for s in steps if s.step == kill_after), None)
+        if hit is not None:
+            break
+        if proc.poll() is not None:
+            raise BenchError(f"torchrun exited ({proc.returncode}) before step {kill_after}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"torchrun: step {kill_after} not reached within {timeout_s:.0f} s")
+        time.sleep(POLL_S)
+    own = [s for s in steps if s.pid == hit.pid and s.step <= kill_after]
+    half_step = _median_gap(own) / 2
+    time.sleep(max(0.0, hit.unix + half_step - time.time()))
+    # By PID, never by name; and only if that PID is still torchrun's own child (not reused).
+    if _parent_pid(hit.pid) != proc.pid:
+        raise BenchError(f"torchrun: training process {hit.pid} is gone or not torchrun's child")
+    killed_at = time.time()
+    os.kill(hit.pid, signal.SIGKILL)
+    return killed_at, hit.pid
+
+
+def run_torchrun(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """One torchrun run whose training child is SIGKILLed after step kill_after; its numbers."""
+    out = workdir / "out"
+    out.mkdir()
+    steps_log = out / "steps.log"
+    cmd = [*_torchrun_cmd(), "--standalone", "--nproc-per-node=1", "--max-restarts=3",
+           # Loopback only: the rendezvous store must not listen on, or resolve, other interfaces.
+           "--local-addr", "127.0.0.1",
+           str(TORCHRUN_SCRIPT), "--model", args.model, "--steps", str(args.steps),
+           "--ckpt-every", str(args.ckpt_every), "--threads", str(args.threads),
+           "--out", str(out), *(["--data", args.data] if args.data else [])]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1")
+    started = time.time()
+    with _process(cmd, workdir, "torchrun", env=env) as proc:
+        killed_at, killed_pid = _kill_training_child(proc, steps_log, args.kill_after,
+                                                     args.timeout)
+        _wait(proc, args.timeout, "torchrun", workdir / "torchrun.out")
+    wall_s = time.time() - started
+
+    steps = _read_steps(steps_log)
+    after = [s for s in steps if s.pid != killed_pid and s.unix > killed_at]
+    if not after:
+        raise BenchError("torchrun: no step completed after the kill")
+    first = after[0]
+    resumed_from = first.step - 1
+    last_done = max(s.step for s in steps if s.pid == killed_pid)
+    starts = [line.split() for line in (out / "starts.log").read_text().splitlines()]
+    restart = next((float(t) for pid, t, _ in starts if int(pid) == first.pid), float("nan"))
+    final = json.loads((out / "final.json").read_text())
+    return {
+        "recovery_s": first.unix - killed_at,
+        "detected_s": restart - killed_at,
+        "steps_lost": last_done - resumed_from,
+        "step_s": _median_gap(steps),
+        "wall_s": wall_s,
+        "final_loss": float(final["train_loss"]),
+        "summary_recovered_s": None,
+        "summary_lost_steps": None,
+        "state_hash": final["state_hash"],
+        "status": "completed" if final["final_step"] == args.steps else "incomplete",
+    }
+
+
+# ---- driver -------------------------------------------------------------------------------
+
+CONTENDERS = {"rebound": run_rebound, "torchrun": run_torchrun}
+NUMERIC = ("recovery_s", "detected_s", "steps_lost", "step_s", "wall_s", "final_loss",
+           "summary_recovered_s", "summary_lost_steps")
+
+
+def _median(values: list[Any]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _row(method: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    row: dict[str, Any] = {"method": method}
+    for key in NUMERIC:
+        value = _median([r[key] for r in runs])
+        row[key] = None if value is None else round(value, 4 if key == "final_loss" else 3)
+    return row
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.recovery", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="small", help="model preset, both contenders (default small)")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps (default 60)")
+    p.add_argument("--ckpt-every", type=int, default=10,
+                   help="checkpoint interval N in steps, both contenders (default 10)")
+    p.add_argument("--group-steps", type=int, default=20,
+                   help="Rebound optimizer steps per batch-group task (default 20)")
+    p.add_argument("--kill-after", type=int, default=35,
+                   help="the kill comes after this step completed: Rebound kill-worker@K+1, "
+                        "torchrun half a step after step K (default 35)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads, both contenders (default 2)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat both contenders; the table shows medians (default 1)")
+    p.add_argument("--data", help="corpus, both contenders (default: the stdlib's source)")
+    p.add_argument("--timeout", type=float, default=900.0,
+                   help="seconds one contender run may take before it is stopped (default 900)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = p.parse_args(argv)
+    if min(args.steps, args.ckpt_every, args.group_steps, args.threads, args.rounds) < 1:
+        p.error("--steps, --ckpt-every, --group-steps, --threads and --rounds must be >= 1")
+    if not 1 <= args.kill_after < args.steps:
+        p.error("--kill-after must be in [1, steps): a step must remain after the kill")
+    if args.kill_after < 2:
+        p.error("--kill-after must be >= 2: timing the half step needs two logged steps")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in CONTENDERS}
+    with tempfile.TemporaryDirectory(prefix="rebound-bench-recovery-") as tmp:
+        for round_no in range(args.rounds):
+            # Alternate the order so neither always runs on a machine the other just warmed.
+            order = list(CONTENDERS) if round_no % 2 == 0 else list(reversed(CONTENDERS))
+            for name in order:
+                workdir = Path(tmp) / f"{name}-{round_no}"
+                workdir.mkdir()
+                try:
+                    results[name].append(CONTENDERS[name](args, workdir))
+                except BenchError as e:
+                    print(f"bench.recovery: {e}", file=sys.stderr)
+                    return 1
+                if not args.json:
+                    r = results[name][-1]
+                    print(f"round {round_no + 1}/{args.rounds} {name}: recovery "
+                          f"{r['recovery_s']:.2f} s, {r['steps_lost']} steps lost",
+                          file=sys.stderr)
+    rows = [_row(name, runs) for name, runs in results.items()]
+    by = {r["method"]: r for r in rows}
+    ratios = {"torchrun_vs_rebound_recovery_time":
+              round(by["torchrun"]["recovery_s"] / by["rebound"]["recovery_s"], 3)}
+    if args.json:
+        print(json.dumps({"rows": rows, "ratios": ratios}))
+        return 0
+    _print_table(args, rows, ratios, results)
+    return 0
+
+
+def _print_table(args: argparse.Namespace, rows: list[dict[str, Any]], ratios: dict[str, float],
+                 results: dict[str, list[dict[str, Any]]]) -> None:
+    table = Table(title=f"bench.recovery: {args.model}, {args.steps} steps, ckpt every "
+                        f"{args.ckpt_every}, group {args.group_steps}, kill after step "
+                        f"{args.kill_after}, {args.threads} threads, {args.rounds} round(s)")
+    for col in rows[0]:
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row.values()))
+    # Wide enough for every column even when the output is a pipe (rich assumes 80 there).
+    console = Console(width=max(Console().width, 150))
+    console.print(table)
+    for name, value in ratios.items():
+        console.print(f"{name} = {value}")
+    hashes = {r["state_hash"] for runs in results.values() for r in runs}
+    console.print("final state_hash: " + ("identical in every run" if len(hashes) == 1
+                                          else f"DIFFERS between runs: {sorted(map(str, hashes))}"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Submit a task to the cluster and see it through infrastructure failures.
+
+A lost worker is Dask's to handle (it reruns the task elsewhere) until the task has killed
+`allowed-failures` workers: then Dask raises KilledWorker, Prefect's retries do not apply, and
+the task run would stay Running forever (prefect#12968, prefect-dask#59). Here that is an
+infrastructure failure: the stale task run is marked Crashed so the UI shows the truth, and the
+group is submitted again, up to a budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+from distributed.comm.core import CommClosedError
+from distributed.scheduler import KilledWorker
+from prefect.client.orchestration import get_client
+from prefect.states import Crashed
+
+from flows.supervise import ClusterWatch, InfrastructureError, Watchdog, supervise
+
+INFRA_ERRORS = (KilledWorker, CommClosedError, asyncio.CancelledError, ConnectionError)
+
+
+def mark_crashed(task_run_id: Any, message: str) -> None:
+    """Force a task run whose worker is gone into Crashed (it would stay Running)."""
+    with get_client(sync_client=True) as client:
+        client.set_task_run_state(task_run_id, Crashed(message=message), force=True)
+
+
+def submit_supervised(submit: Callable[[], Any], placement: Callable[[], AbstractContextManager],
+                      watch: ClusterWatch, dog: Watchdog, what: str, budget: int,
+                      on_infra_failure: Callable[[str], None]) -> Any:
+    """Run submit() under supervision; resubmit after infrastructure failures, up to budget.
+
+    Raises:
+        InfrastructureError: the budget is spent, or the cluster itself is gone.
+    """
+    failures = 0
+    while True:
+        with placement():
+            future = submit()
+        try:
+            supervise(future.wrapped_future, watch, dog, what)
+            return future.result()
+        except INFRA_ERRORS as err:
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else what}"
+            try:
+                mark_crashed(future.task_run_id, f"infrastructure failure: {reason}")
+            except Exception:  # noqa: BLE001 - the UI fix is best-effort; the run goes on
+                pass
+            failures += 1
+            on_infra_failure(reason)
+            if failures > budget:
+                raise InfrastructureError(f"{what} failed {failures} times on lost workers; "
+                                          f"last: {reason}") from None

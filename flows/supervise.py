@@ -1,0 +1,156 @@
+"""Watching a batch group while it runs: lost workers, hung tasks, a lost cluster.
+
+Prefect cannot see these (STACK-NOTES): a task whose worker died is silently rerun, KilledWorker
+leaves the task run Running forever, and nothing notices a task that stops making progress. So
+the flow keeps its own Dask client to the scheduler and watches:
+- progress events from the task (one per step): silence longer than the hang timeout means a
+  hung task; its worker process is restarted and Dask reruns the group elsewhere;
+- the scheduler's `remove-worker` events: when a worker was lost (failure detection time);
+- the scheduler itself and the worker count: gone for longer than their timeouts, the run fails
+  with a one-line reason instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from distributed import Client
+
+from tasks.progress import PROGRESS_TOPIC
+
+
+class InfrastructureError(RuntimeError):
+    """The cluster failed (scheduler or every worker gone): not the task's fault."""
+
+
+@dataclass(frozen=True)
+class Watchdog:
+    hang_timeout: timedelta = timedelta(minutes=5)
+    """No progress event from a running group for this long: its worker is restarted."""
+    scheduler_timeout: timedelta = timedelta(seconds=30)
+    """Scheduler unreachable for this long: the run fails (cluster lost)."""
+    no_worker_timeout: timedelta = timedelta(seconds=60)
+    """No worker at all for this long: the run fails (every worker lost)."""
+    poll: timedelta = timedelta(milliseconds=200)
+    """How often the watcher looks; events themselves arrive as they happen."""
+
+
+@dataclass
+class WorkerLoss:
+    worker: str
+    removed_unix: float
+    processing: list[str] = field(default_factory=list)
+
+
+class ClusterWatch:
+    """A client of our own on the scheduler, collecting events for the supervisor."""
+
+    def __init__(self, address: str, run_id: str, connect_timeout: timedelta) -> None:
+        self.run_id = run_id
+        self.client = Client(address, timeout=connect_timeout.total_seconds(),
+                             set_as_default=False)
+        self._lock = threading.Lock()
+        self.last_progress_unix = time.time()
+        self.last_progress_worker: str | None = None
+        self.losses: list[WorkerLoss] = []
+        self.hangs: list[dict[str, Any]] = []
+        self.client.subscribe_topic(PROGRESS_TOPIC, self._on_progress)
+        self.client.subscribe_topic("all", self._on_cluster_event)
+
+    def _on_progress(self, event: tuple[float, dict[str, Any]]) -> None:
+        _, msg = event
+        if msg.get("run_id") == self.run_id:
+            with self._lock:
+                self.last_progress_unix = time.time()
+                self.last_progress_worker = msg.get("worker")
+
+    def _on_cluster_event(self, event: tuple[float, dict[str, Any]]) -> None:
+        stamp, msg = event
+        if isinstance(msg, dict) and msg.get("action") == "remove-worker":
+            with self._lock:
+                self.losses.append(WorkerLoss(str(msg.get("worker")), float(stamp),
+                                              [str(k) for k in msg.get("processing-tasks", [])]))
+
+    def touch(self) -> None:
+        """Restart the silence clock (a new group was just submitted)."""
+        with self._lock:
+            self.last_progress_unix = time.time()
+
+    def silence_s(self) -> float:
+        with self._lock:
+            return time.time() - self.last_progress_unix
+
+    def scheduler_reachable(self) -> bool:
+        return self.client.status == "running"
+
+    def worker_count(self) -> int:
+        try:
+            info = self.client.scheduler_info(n_workers=-1)
+        except Exception:  # noqa: BLE001 - unreachable counts as unknown, handled by the caller
+            return -1
+        return len(info.get("workers", {}))
+
+    def worker_processing(self, key: str) -> str | None:
+        """Address of the worker running the task `key`, if any."""
+        try:
+            processing = self.client.processing()
+        except Exception:  # noqa: BLE001
+            return None
+        for worker, keys in processing.items():
+            if key in keys:
+                return str(worker)
+        return None
+
+    def restart_worker(self, worker: str) -> None:
+        """Kill and restart one worker process through its nanny (its tasks go elsewhere)."""
+        self.client.restart_workers([worker], timeout=60, raise_for_error=False)
+
+    def close(self) -> None:
+        try:
+            # Unsubscribe first, or the scheduler may still push events into a closed comm.
+            self.client.unsubscribe_topic(PROGRESS_TOPIC)
+            self.client.unsubscribe_topic("all")
+            self.client.close(timeout=5)
+        except Exception:  # noqa: BLE001 - closing a client of a dead scheduler
+            pass
+
+
+def supervise(dask_future: Any, watch: ClusterWatch, dog: Watchdog, what: str) -> None:
+    """Block until dask_future is done, acting on hangs and failing on a lost cluster.
+
+    Raises:
+        InfrastructureError: the scheduler or every worker stayed gone past its timeout.
+    """
+    watch.touch()
+    unreachable_since: float | None = None
+    workerless_since: float | None = None
+    while not dask_future.done():
+        time.sleep(dog.poll.total_seconds())
+        now = time.monotonic()
+        if not watch.scheduler_reachable():
+            unreachable_since = unreachable_since or now
+            if now - unreachable_since > dog.scheduler_timeout.total_seconds():
+                raise InfrastructureError(
+                    f"Dask scheduler {watch.client.scheduler.address} unreachable for "
+                    f"{dog.scheduler_timeout.total_seconds():.0f} s during {what} (cluster lost)")
+            continue
+        unreachable_since = None
+        if watch.worker_count() == 0:
+            workerless_since = workerless_since or now
+            if now - workerless_since > dog.no_worker_timeout.total_seconds():
+                raise InfrastructureError(
+                    f"every Dask worker lost for {dog.no_worker_timeout.total_seconds():.0f} s "
+                    f"during {what}")
+            continue
+        workerless_since = None
+        if watch.silence_s() > dog.hang_timeout.total_seconds():
+            worker = watch.worker_processing(dask_future.key)
+            if worker is not None:
+                watch.hangs.append({"worker": worker, "detected_unix": time.time(),
+                                    "silence_s": round(watch.silence_s(), 3)})
+                watch.restart_worker(worker)
+            watch.touch()
