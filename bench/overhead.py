@@ -24,6 +24,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from storage import open_store
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,7 +51,7 @@ def _rebound(args: argparse.Namespace, workdir: Path) -> dict:
          *(["--data", args.data] if args.data else [])],
         cwd=ROOT, check=True, capture_output=True, text=True)
     summary = json.loads(summary_path.read_text())
-    attempts = [json.loads(p.read_text()) for p in (store / "bench" / "attempts").glob("*.json")]
+    attempts = [doc for _, doc in open_store(str(store)).list_json("bench", "attempts")]
     first_step_at = min(a["ready_unix"] for a in attempts)
     final = store / "bench" / "ckpt" / f"{summary['final_step']:012d}" / "COMMITTED"
     end = final.stat().st_mtime

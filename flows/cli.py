@@ -30,6 +30,8 @@ OPTION_HELP = {
     "seed": "seed of initialisation, data order and per-step randomness (default 1337)",
     "until": "stop cleanly once the checkpoint at STEP is committed (status stopped; resumable)",
     "time_budget": "stop cleanly at the next checkpoint after DUR, e.g. 90s, 15m, 2h",
+    "epoch_steps": "steps per epoch: evaluation and kept checkpoints at each end "
+                   "(default: the preset's)",
     "group_steps": "optimizer steps per batch-group task (default 50)",
     "ckpt_every": "checkpoint interval in steps, or auto = Young/Daly from measured cost and "
                   "--mtbf (default: at each group's end)",
@@ -83,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1337, help=h["seed"])
     p.add_argument("--until", type=int, metavar="STEP", help=h["until"])
     p.add_argument("--time-budget", metavar="DUR", help=h["time_budget"])
+    p.add_argument("--epoch-steps", type=int, metavar="N", help=h["epoch_steps"])
     p.add_argument("--group-steps", type=int, metavar="G", help=h["group_steps"])
     p.add_argument("--ckpt-every", type=_int_or_auto, metavar="N|auto", help=h["ckpt_every"])
     p.add_argument("--mtbf", default="1h", metavar="DUR", help=h["mtbf"])
@@ -198,32 +201,41 @@ def _run(params: Any, plan: Any, server_port: int | None, started: float, show_p
 
 
 class local_prefect_server_async:  # noqa: N801 - used as a context manager
-    """Start the Prefect server in a thread while the cluster starts; `ready()` waits for it."""
+    """Start the Prefect server in a thread while the cluster starts; `ready()` waits for it.
+
+    The thread lives until exit: the server's parent-death signal fires when the *thread* that
+    started it ends (prctl semantics), so the starting thread must outlive the server.
+    """
 
     def __init__(self, factory: Any, port: int | None) -> None:
         self._cm = factory(port)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._start, daemon=True)
+        self._up = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="prefect-server")
 
-    def _start(self) -> None:
+    def _serve(self) -> None:
         try:
-            self._cm.__enter__()
+            with self._cm:
+                self._up.set()
+                self._stop.wait()
         except BaseException as err:  # noqa: BLE001 - re-raised in ready()
             self._error = err
+        finally:
+            self._up.set()
 
     def __enter__(self) -> Any:
         self._thread.start()
         return self.ready
 
     def ready(self) -> None:
-        self._thread.join()
+        self._up.wait()
         if self._error is not None:
             raise self._error
 
     def __exit__(self, *exc: object) -> None:
-        self._thread.join()
-        if self._error is None:
-            self._cm.__exit__(None, None, None)
+        self._stop.set()
+        self._thread.join(timeout=30)
 
 
 def Console_stdout() -> Any:  # noqa: N802

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -27,6 +28,15 @@ DASK_SETTINGS = {
 }
 
 
+def _env_name(key: str) -> str:
+    return "DASK_" + key.upper().replace(".", "__").replace("-", "_")
+
+
+def dask_settings() -> dict[str, object]:
+    """Our defaults, except where the environment sets a key (an operator, or a test)."""
+    return {k: v for k, v in DASK_SETTINGS.items() if _env_name(k) not in os.environ}
+
+
 def cuda_available() -> bool:
     import torch
 
@@ -37,7 +47,7 @@ def cuda_available() -> bool:
 def local_cluster(n_workers: int, local_directory: Path, use_gpu: bool) -> Iterator[LocalCluster]:
     """A LocalCluster of single-threaded process workers on 127.0.0.1, stopped on exit."""
     local_directory.mkdir(parents=True, exist_ok=True)
-    with dask.config.set(DASK_SETTINGS):
+    with dask.config.set(dask_settings()):
         cluster = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=1,
@@ -57,6 +67,4 @@ def local_cluster(n_workers: int, local_directory: Path, use_gpu: bool) -> Itera
 
 def worker_pids(client: Client) -> dict[str, int]:
     """Worker address -> PID of its worker process (the nanny's child)."""
-    import os
-
     return dict(client.run(os.getpid))

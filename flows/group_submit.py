@@ -45,6 +45,12 @@ def submit_supervised(submit: Callable[[], Any], placement: Callable[[], Abstrac
         try:
             supervise(future.wrapped_future, watch, dog, what)
             return future.result()
+        except InfrastructureError as err:
+            try:
+                mark_crashed(future.task_run_id, f"infrastructure failure: {err}")
+            except Exception:  # noqa: BLE001 - the API may be as gone as the cluster
+                pass
+            raise
         except INFRA_ERRORS as err:
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else what}"
             try:

@@ -38,6 +38,7 @@ class TrainParams(BaseModel):
     seed: int = Field(1337, ge=0, description="Seed of initialisation, data order and per-step randomness.")
     until: int | None = Field(None, ge=1, description="Stop cleanly once the checkpoint at this step is committed.")
     time_budget: str | None = Field(None, description="Stop cleanly at the next checkpoint after this long (e.g. 2h).")
+    epoch_steps: int | None = Field(None, ge=1, description="Steps per epoch (evaluation, retained checkpoints); default: the preset's.")
     group_steps: int | None = Field(None, ge=1, description="Optimizer steps per batch-group task.")
     ckpt_every: int | Literal["auto"] | None = Field(None, description="Checkpoint interval in steps, or auto (Young/Daly).")
     mtbf: str = Field("1h", description="Mean time between failures assumed by --ckpt-every auto.")

@@ -72,6 +72,7 @@ def build_plan(params: TrainParams, corpus: Corpus | None = None) -> RunPlan:
     try:
         corpus = corpus or load_corpus(params.data)
         cfg = TrainConfig(model=params.model, steps=params.steps, seed=params.seed,
+                          epoch_steps=params.epoch_steps,
                           device=params.device, torch_threads=_default_threads(params))
         resolved = cfg.resolved()
     except (ValueError, OSError) as err:

@@ -51,15 +51,56 @@ def prepare_environment() -> str | None:
     return port
 
 
+def _die_with_parent() -> None:
+    """In the server's child process: SIGKILL it when the flow process dies, however it dies.
+
+    A SIGKILLed coordinator runs no atexit handler, and an orphaned server would hold its port
+    and database forever. Linux only (prctl); elsewhere the server outlives a killed parent.
+    """
+    try:
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def _server_class() -> type:
+    import subprocess
+    import sys
+
+    import prefect
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    class ChildASGIServer(SubprocessASGIServer):
+        """Prefect's temporary server, started so that it dies with this process."""
+
+        def _run_uvicorn_command(self) -> subprocess.Popen:
+            # Same command as Prefect's own, plus the parent-death signal.
+            return subprocess.Popen(
+                args=[sys.executable, "-m", "uvicorn", "--app-dir",
+                      str(prefect.__module_path__.parent), "--factory",
+                      "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+                      "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
+                env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                     "PREFECT__SERVER_FINAL": "1",
+                     **get_current_settings().to_environment_variables(exclude_unset=True)},
+                preexec_fn=_die_with_parent,
+            )
+
+    return ChildASGIServer
+
+
 @contextmanager
 def local_prefect_server(port: int | None) -> Iterator[None]:
     """Serve the Prefect API on 127.0.0.1:port for the duration (no-op when port is None)."""
     if port is None:
         yield
         return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer(port=port)
+    server = _server_class()(port=port)
     try:
         server.start(timeout=int(SERVER_STARTUP_TIMEOUT.total_seconds()))
         yield

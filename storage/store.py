@@ -414,4 +414,7 @@ def open_store(url: str = "./runs", **config: Any) -> CheckpointStore:
         return CheckpointStore(LocalBackend(path, cfg.durability, cfg.staging_grace), cfg)
     from storage.fsspecfs import FsspecBackend
 
+    if url.startswith("flaky://"):
+        import storage.flaky  # noqa: F401  (registers the protocol with fsspec)
+
     return CheckpointStore(FsspecBackend(url, cfg.remote_stale_after), cfg)

@@ -14,6 +14,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 240.0
 
+# The tests' run: tiny preset (epochs of 20 steps), groups of 10, a checkpoint every 5 steps.
+STEPS, GROUP, CKPT = 40, 10, 5
+
+
+def cli_args(store: Path, corpus: Path, run_id: str, *extra: str) -> list[str]:
+    """The flags of the tests' run; extra flags come last (argparse: the last one wins)."""
+    return ["--model", "tiny", "--steps", str(STEPS), "--group-steps", str(GROUP),
+            "--ckpt-every", str(CKPT), "--store", str(store), "--data", str(corpus),
+            "--run-id", run_id, "--workers", "1", "--spares", "1", "--threads", "1",
+            "--keep", "20", *extra]
+
 
 def _kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL the CLI and everything it started (its own process group), then reap it."""

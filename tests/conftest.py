@@ -7,9 +7,12 @@ this one server instead of each starting its own (STACK-NOTES: the ephemeral-ser
 from __future__ import annotations
 
 import os
+import shutil
+import sysconfig
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,3 +37,30 @@ def prefect_api() -> Iterator[str]:
             yield url
         finally:
             os.environ.pop("PREFECT_API_URL", None)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small real-text corpus: a few of the standard library's own source files."""
+    folder = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("argparse.py", "collections/__init__.py", "dataclasses.py", "json/decoder.py"):
+        shutil.copy(stdlib / name, folder / name.replace("/", "_"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def reference_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("reference") / "store"
+
+
+@pytest.fixture(scope="session")
+def reference(prefect_api: str, reference_store: Path, corpus: Path) -> dict[str, Any]:
+    """Summary of the tests' run done once, never interrupted: what every recovery must match."""
+    from tests.cli_helpers import cli_args, read_summary, run_cli
+
+    summary_path = reference_store.parent / "reference.json"
+    done = run_cli(cli_args(reference_store, corpus, "reference", "--summary-json",
+                            str(summary_path)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return read_summary(summary_path)

@@ -3,16 +3,17 @@ real Zarr checkpoints on disk, real SIGKILL. Tiny preset so each run takes secon
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
 
 from tests.cli_helpers import (
+    CKPT,
     ROOT,
+    STEPS,
+    cli_args,
     committed_steps,
     kill_when,
     read_summary,
@@ -23,72 +24,20 @@ from tests.cli_helpers import (
 
 pytestmark = pytest.mark.slow
 
-STEPS, GROUP, CKPT = 40, 10, 5
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small real-text corpus: a few of the standard library's own source files."""
-    folder = tmp_path_factory.mktemp("corpus")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("argparse.py", "collections/__init__.py", "dataclasses.py", "json/decoder.py"):
-        shutil.copy(stdlib / name, folder / name.replace("/", "_"))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("flow")
 
 
-def _args(store: Path, corpus: Path, run_id: str, *extra: str) -> list[str]:
-    return [
-        "--model",
-        "tiny",
-        "--steps",
-        str(STEPS),
-        "--group-steps",
-        str(GROUP),
-        "--ckpt-every",
-        str(CKPT),
-        "--store",
-        str(store),
-        "--data",
-        str(corpus),
-        "--run-id",
-        run_id,
-        "--workers",
-        "1",
-        "--spares",
-        "1",
-        "--threads",
-        "1",
-        "--keep",
-        "20",
-        *extra,
-    ]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(prefect_api: str, workdir: Path, corpus: Path) -> dict:
-    """The reference run: same config, never interrupted."""
-    summary_path = workdir / "reference.json"
-    done = run_cli(
-        _args(workdir / "store", corpus, "reference", "--summary-json", str(summary_path))
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return read_summary(summary_path)
-
-
-def test_short_run_completes_with_verified_checkpoints(uninterrupted: dict, workdir: Path) -> None:
-    s = uninterrupted
+def test_short_run_completes_with_verified_checkpoints(reference: dict, reference_store: Path) -> None:
+    s = reference
     assert s["status"] == "completed" and s["reason"] is None
     assert s["final_step"] == STEPS
     assert s["checkpoints_committed"] == STEPS // CKPT
     assert len(s["state_hash"]) == 32
     assert 0 < s["productive_s"] <= s["wall_s"] and 0 < s["ettr"] <= 1
     assert s["train_loss"] < 5.5
-    store = workdir / "store"
+    store = reference_store
     assert committed_steps(store, "reference") == list(range(CKPT, STEPS + 1, CKPT))
     verify = subprocess.run(
         [sys.executable, "-m", "storage", "verify", str(store), "reference"],
@@ -108,9 +57,9 @@ def test_short_run_completes_with_verified_checkpoints(uninterrupted: dict, work
     assert s["state_hash"] in inspect.stdout
 
 
-def test_sigkilled_run_resumes_bit_exact(uninterrupted: dict, workdir: Path, corpus: Path) -> None:
+def test_sigkilled_run_resumes_bit_exact(reference: dict, workdir: Path, corpus: Path) -> None:
     store = workdir / "store"
-    args = _args(store, corpus, "killed")
+    args = cli_args(store, corpus, "killed")
     kill_when(start_cli(args), lambda: any(s >= 20 for s in committed_steps(store, "killed")))
     killed_at = max(committed_steps(store, "killed"))
     assert killed_at < STEPS
@@ -121,13 +70,13 @@ def test_sigkilled_run_resumes_bit_exact(uninterrupted: dict, workdir: Path, cor
     assert s["status"] == "completed" and s["final_step"] == STEPS
     assert s["resumed_from_step"] is not None and s["resumed_from_step"] >= 20
     assert f"resuming run killed from step {s['resumed_from_step']}, verified" in again.stderr
-    assert s["state_hash"] == uninterrupted["state_hash"]
+    assert s["state_hash"] == reference["state_hash"]
 
 
-def test_task_that_raises_once_is_retried(uninterrupted: dict, workdir: Path, corpus: Path) -> None:
+def test_task_that_raises_once_is_retried(reference: dict, workdir: Path, corpus: Path) -> None:
     summary_path = workdir / "raised.json"
     done = run_cli(
-        _args(
+        cli_args(
             workdir / "store",
             corpus,
             "raised",
@@ -142,24 +91,24 @@ def test_task_that_raises_once_is_retried(uninterrupted: dict, workdir: Path, co
     assert s["status"] == "completed"
     assert [f["kind"] for f in s["failures"]] == ["raise"]
     assert s["failures"][0]["step"] == 17 and s["failures"][0]["lost_steps"] == 1
-    assert s["state_hash"] == uninterrupted["state_hash"]
+    assert s["state_hash"] == reference["state_hash"]
 
 
 def test_until_stops_cleanly_and_the_next_run_finishes(
-    uninterrupted: dict, workdir: Path, corpus: Path
+    reference: dict, workdir: Path, corpus: Path
 ) -> None:
     store = workdir / "store"
     first = workdir / "sliced-1.json"
-    done = run_cli(_args(store, corpus, "sliced", "--until", "15", "--summary-json", str(first)))
+    done = run_cli(cli_args(store, corpus, "sliced", "--until", "15", "--summary-json", str(first)))
     assert done.returncode == 0, done.stderr[-3000:]
     s1 = read_summary(first)
     assert s1["status"] == "stopped" and s1["final_step"] == 15
     second = workdir / "sliced-2.json"
-    done = run_cli(_args(store, corpus, "sliced", "--summary-json", str(second)))
+    done = run_cli(cli_args(store, corpus, "sliced", "--summary-json", str(second)))
     assert done.returncode == 0, done.stderr[-3000:]
     s2 = read_summary(second)
     assert s2["resumed_from_step"] == 15 and s2["status"] == "completed"
-    assert s2["state_hash"] == uninterrupted["state_hash"]
+    assert s2["state_hash"] == reference["state_hash"]
 
 
 @pytest.mark.parametrize(
@@ -176,7 +125,7 @@ def test_until_stops_cleanly_and_the_next_run_finishes(
 def test_bad_flags_exit_2_with_one_line(
     workdir: Path, corpus: Path, extra: list[str], message: str
 ) -> None:
-    done = run_cli(_args(workdir / "bad-store", corpus, "bad") + extra, timeout_s=60)
+    done = run_cli(cli_args(workdir / "bad-store", corpus, "bad") + extra, timeout_s=60)
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], done.stderr
@@ -195,12 +144,12 @@ def test_missing_data_exits_2(workdir: Path) -> None:
 
 
 def test_incompatible_existing_run_exits_2_and_touches_nothing(
-    uninterrupted: dict, workdir: Path, corpus: Path
+    reference: dict, reference_store: Path, corpus: Path
 ) -> None:
-    store = workdir / "store"
+    store = reference_store
     before = tree_state(store / "reference")
     for change in (["--steps", "60"], ["--seed", "7"], ["--threads", "2"]):
-        done = run_cli(_args(store, corpus, "reference") + change, timeout_s=60)
+        done = run_cli(cli_args(store, corpus, "reference") + change, timeout_s=60)
         assert done.returncode == 2, done.stderr
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and "reference" in lines[0] and "--fresh" in lines[0]
