@@ -19,11 +19,15 @@ Rows (one per contender; with --rounds R each number is the median over R rounds
                `fired_unix`; torchrun: the first step logged by a new PID minus the kill time)
   detected_s   kill -> the replacement started (Rebound: the retried attempt's `started_unix`;
                torchrun: the new process's start, before `import torch`)
+  ready_s      kill -> the replacement has its state restored and is about to train (Rebound:
+               the retried attempt's `ready_unix`; torchrun: after its checkpoint is loaded);
+               recovery_s - ready_s is the first step after the restore
   steps_lost   steps the killed process had completed that had to be trained again
                (last step completed before the kill - the step the replacement resumed from)
-  step_s       time of one training step: torchrun the median gap between consecutive logged
-               steps of one process; Rebound productive_s / final_step of its summary (Rebound
-               keeps no per-step record, so this is the mean of the steps that survived)
+  step_s       time of one training step in steady state: torchrun the median gap between
+               consecutive logged steps of one process; Rebound, which keeps no per-step record,
+               the median over its retained checkpoints (the newest 3) of each interval's mean
+               step time (increase of productive_s in the checkpoint metadata / steps)
   wall_s       the whole contender run, process start to exit (start-up included)
   summary_recovered_s, summary_lost_steps
                Rebound only: the failure entry of its --summary-json, as a cross-check
@@ -50,10 +54,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from storage.store import CheckpointStore
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN_SCRIPT = ROOT / "bench" / "torchrun_train.py"
@@ -169,13 +176,13 @@ def run_rebound(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     resumed_from = int(retry.get("resumed_from_step") or 0)
     failure = next((f for f in summary.get("failures", [])
                     if f["kind"] == "kill-worker" and f["step"] == kill_step), {})
-    final_step = int(summary["final_step"])
     return {
         "recovery_s": float(retry["first_step_unix"]) - killed_at,
         "detected_s": float(retry["started_unix"]) - killed_at,
+        "ready_s": float(retry["ready_unix"]) - killed_at,
         # The killed worker had completed kill_after (it died starting the next step).
         "steps_lost": args.kill_after - resumed_from,
-        "step_s": float(summary["productive_s"]) / final_step if final_step else float("nan"),
+        "step_s": _rebound_step_s(store, summary),
         "wall_s": wall_s,
         "final_loss": float(summary["train_loss"]),
         "summary_recovered_s": failure.get("recovered_after_s"),
@@ -183,6 +190,25 @@ def run_rebound(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "state_hash": summary.get("state_hash"),
         "status": summary.get("status"),
     }
+
+
+def _rebound_step_s(store: CheckpointStore, summary: dict[str, Any]) -> float:
+    """Median over the checkpoint intervals still in the store of the mean training-step time.
+
+    Rebound records no per-step times where we can read them, but every checkpoint's metadata
+    carries the run's cumulative productive_s (training-step time only, checkpoints excluded):
+    its increase over an interval divided by the steps in it is that interval's mean step time.
+    Falls back to the whole run's productive_s / final_step with fewer than two checkpoints.
+    """
+    steps = sorted(store.steps(REBOUND_RUN_ID))
+    productive = {s: store.read_metadata(REBOUND_RUN_ID, s).get("productive_s") for s in steps}
+    per_step = [(productive[b] - productive[a]) / (b - a)
+                for a, b in zip(steps, steps[1:], strict=False)
+                if productive[a] is not None and productive[b] is not None]
+    if per_step:
+        return statistics.median(per_step)
+    final_step = int(summary["final_step"])
+    return float(summary["productive_s"]) / final_step if final_step else float("nan")
 
 
 # ---- (b) torchrun -------------------------------------------------------------------------
@@ -289,12 +315,15 @@ def run_torchrun(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     first = after[0]
     resumed_from = first.step - 1
     last_done = max(s.step for s in steps if s.pid == killed_pid)
-    starts = [line.split() for line in (out / "starts.log").read_text().splitlines()]
-    restart = next((float(t) for pid, t, _ in starts if int(pid) == first.pid), float("nan"))
+    starts = {int(pid): (float(start), float(ready))
+              for pid, start, ready, _ in (line.split() for line in
+                                           (out / "starts.log").read_text().splitlines())}
+    restart, ready = starts.get(first.pid, (float("nan"), float("nan")))
     final = json.loads((out / "final.json").read_text())
     return {
         "recovery_s": first.unix - killed_at,
         "detected_s": restart - killed_at,
+        "ready_s": ready - killed_at,
         "steps_lost": last_done - resumed_from,
         "step_s": _median_gap(steps),
         "wall_s": wall_s,
@@ -309,7 +338,7 @@ def run_torchrun(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 # ---- driver -------------------------------------------------------------------------------
 
 CONTENDERS = {"rebound": run_rebound, "torchrun": run_torchrun}
-NUMERIC = ("recovery_s", "detected_s", "steps_lost", "step_s", "wall_s", "final_loss",
+NUMERIC = ("recovery_s", "detected_s", "ready_s", "steps_lost", "step_s", "wall_s", "final_loss",
            "summary_recovered_s", "summary_lost_steps")
 
 

@@ -13,7 +13,9 @@ It writes, under --out:
                    so it loads with torch.load(weights_only=True): no pickle code runs)
   steps.log        one line per completed optimizer step: "step unix_time pid", flushed at once
                    (the benchmark tails it to find when to kill and when training is back)
-  starts.log       one line per process start: "pid unix_time resumed_from_step"
+  starts.log       one line per process start: "pid start_unix ready_unix resumed_from_step"
+                   (start: before `import torch`; ready: model built and checkpoint loaded;
+                   resumed_from_step -1 when there was no checkpoint)
   final.json       at the end: final step, train loss, and the state_hash of model+optimizer
                    (DESIGN.md §2, the value Rebound's summary reports for the same state)
 """
@@ -93,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(model=a.model, steps=a.steps, torch_threads=a.threads, device="cpu").resolved()
     trainer = Trainer(cfg, load_corpus(a.data), device="cpu")
     resumed = load_checkpoint(trainer, out / CKPT_NAME)
-    _append_line(out / STARTS_LOG, f"{pid} {T_PROCESS:.6f} {resumed if resumed is not None else -1}")
+    _append_line(out / STARTS_LOG, f"{pid} {T_PROCESS:.6f} {time.time():.6f} "
+                                   f"{resumed if resumed is not None else -1}")
 
     loss = float("nan")
     while trainer.step < a.steps:

@@ -66,9 +66,10 @@ def _cluster_address(params: TrainParams, use_gpu: bool) -> Iterator[str]:
         yield cluster.scheduler_address
 
 
-def _say(message: str) -> None:
+def _say(message: str, style: str | None = None) -> None:
+    """One line to the Prefect log and to the terminal (never wrapped: scripts grep it)."""
     get_run_logger().info(message)
-    console.print(message)
+    console.print(message, style=style, soft_wrap=True, markup=False, highlight=False)
 
 
 def _placement(use_gpu: bool, worker: str | None) -> dict[str, Any]:
@@ -100,7 +101,7 @@ def train_epoch(plan: RunPlan, params: TrainParams, groups: list[Group], start_r
 
     def on_infra(reason: str) -> None:
         out["infra_failures"].append({"unix": time.time(), "reason": reason})
-        _say(f"[yellow]infrastructure failure, resubmitting: {reason}")
+        _say(f"infrastructure failure, resubmitting: {reason}", "yellow")
 
     try:
         for group in groups:
@@ -119,7 +120,7 @@ def train_epoch(plan: RunPlan, params: TrainParams, groups: list[Group], start_r
             out["stall_s"] += result["ckpt_s"]
             out["losses"] += [tuple(x) for x in result["losses"]]
             for line in result["corrupt"]:
-                _say(f"[yellow]corrupt checkpoint skipped: {line}")
+                _say(f"corrupt checkpoint skipped: {line}", "yellow")
             if plan.ckpt_auto and result["steps_trained"] and result["checkpoints"]:
                 plan.ckpt_every = young_daly_interval(
                     result["ckpt_s"] / len(result["checkpoints"]), params.mtbf_s,
@@ -147,7 +148,7 @@ def _resume_point(plan: RunPlan, tally: RunTally) -> CheckpointRef | None:
     corrupt: list[str] = []
     ref = store.latest_verified_ref(plan.run.run_id, on_corrupt=lambda err: corrupt.append(str(err)))
     for line in corrupt:
-        _say(f"[yellow]corrupt checkpoint skipped: {line}")
+        _say(f"corrupt checkpoint skipped: {line}", "yellow")
     tally.corrupt_on_resume = corrupt
     if ref is not None:
         meta = store.read_metadata(plan.run.run_id, ref.step)
