@@ -435,4 +435,9 @@ def _print_table(args: argparse.Namespace, rows: list[dict[str, Any]], ratios: d
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        # Every contender's process group was already stopped on the way out (finally blocks).
+        print("bench.recovery: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
+from distributed.client import FutureCancelledError
 from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 from prefect.client.orchestration import get_client
@@ -21,7 +22,8 @@ from prefect.states import Crashed
 
 from flows.supervise import ClusterWatch, InfrastructureError, Watchdog, supervise
 
-INFRA_ERRORS = (KilledWorker, CommClosedError, asyncio.CancelledError, ConnectionError)
+INFRA_ERRORS = (KilledWorker, CommClosedError, FutureCancelledError, asyncio.CancelledError,
+                ConnectionError)
 
 
 def mark_crashed(task_run_id: Any, message: str) -> None:

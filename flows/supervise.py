@@ -87,6 +87,16 @@ class ClusterWatch:
     def scheduler_reachable(self) -> bool:
         return self.client.status == "running"
 
+    def ensure_scheduler(self, timeout: timedelta, what: str) -> None:
+        """Return once the scheduler is reachable; InfrastructureError after timeout."""
+        deadline = time.monotonic() + timeout.total_seconds()
+        while not self.scheduler_reachable():
+            if time.monotonic() > deadline or self.client.status in ("closed", "closing"):
+                raise InfrastructureError(
+                    f"Dask scheduler {self.client.scheduler.address} unreachable for "
+                    f"{timeout.total_seconds():.0f} s during {what} (cluster lost)")
+            time.sleep(0.1)
+
     def worker_count(self) -> int:
         try:
             info = self.client.scheduler_info(n_workers=-1)
@@ -126,19 +136,13 @@ def supervise(dask_future: Any, watch: ClusterWatch, dog: Watchdog, what: str) -
         InfrastructureError: the scheduler or every worker stayed gone past its timeout.
     """
     watch.touch()
-    unreachable_since: float | None = None
     workerless_since: float | None = None
     while not dask_future.done():
         time.sleep(dog.poll.total_seconds())
         now = time.monotonic()
         if not watch.scheduler_reachable():
-            unreachable_since = unreachable_since or now
-            if now - unreachable_since > dog.scheduler_timeout.total_seconds():
-                raise InfrastructureError(
-                    f"Dask scheduler {watch.client.scheduler.address} unreachable for "
-                    f"{dog.scheduler_timeout.total_seconds():.0f} s during {what} (cluster lost)")
+            watch.ensure_scheduler(dog.scheduler_timeout, what)
             continue
-        unreachable_since = None
         if watch.worker_count() == 0:
             workerless_since = workerless_since or now
             if now - workerless_since > dog.no_worker_timeout.total_seconds():
@@ -154,3 +158,6 @@ def supervise(dask_future: Any, watch: ClusterWatch, dog: Watchdog, what: str) -
                                     "silence_s": round(watch.silence_s(), 3)})
                 watch.restart_worker(worker)
             watch.touch()
+    if dask_future.status == "cancelled" or not watch.scheduler_reachable():
+        # A lost scheduler cancels every future: tell that apart from a task's own failure.
+        watch.ensure_scheduler(dog.scheduler_timeout, what)
