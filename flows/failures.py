@@ -36,7 +36,8 @@ def _entry(kind: str, step: int | None, worker: str | None, failed_unix: float,
         detected = round((detected_unix or retry["started_unix"]) - failed_unix, 3)
         if step is not None:
             done = step if kind in _AFTER_STEP else step - 1
-            lost = max(0, done - (retry.get("resumed_from_step") or 0))
+            # A failed probe stops its group before it trains: nothing of it is lost.
+            lost = 0 if kind == "fail-probe" else max(0, done - (retry.get("resumed_from_step") or 0))
     return {"kind": kind, "step": step, "worker": worker, "detected_after_s": detected,
             "recovered_after_s": recovered, "lost_steps": lost}
 
@@ -86,7 +87,9 @@ def collect_failures(store: CheckpointStore, run_id: str, since_unix: float,
         failures.append(_entry("hang", None, hang["worker"], hang["detected_unix"],
                                hang["detected_unix"], retry))
     for infra in (tally.infra_failures if tally else []):
+        if "chaos: " in infra["reason"]:
+            continue  # an injected failure, already listed from its chaos record
         retry = _first_after(attempts, "started_unix", infra["unix"])
-        failures.append(_entry("killed-worker", None, None, infra["unix"], infra["unix"], retry)
-                        | {"reason": infra["reason"]})
+        failures.append(_entry(infra.get("kind", "killed-worker"), None, None, infra["unix"],
+                               infra["unix"], retry) | {"reason": infra["reason"]})
     return failures

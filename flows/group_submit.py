@@ -21,6 +21,7 @@ from prefect.client.orchestration import get_client
 from prefect.states import Crashed
 
 from flows.supervise import ClusterWatch, InfrastructureError, Watchdog, supervise
+from tasks.health import WorkerUnhealthy
 
 INFRA_ERRORS = (KilledWorker, CommClosedError, FutureCancelledError, asyncio.CancelledError,
                 ConnectionError)
@@ -34,7 +35,7 @@ def mark_crashed(task_run_id: Any, message: str) -> None:
 
 def submit_supervised(submit: Callable[[], Any], placement: Callable[[], AbstractContextManager],
                       watch: ClusterWatch, dog: Watchdog, what: str, budget: int,
-                      on_infra_failure: Callable[[str], None]) -> Any:
+                      on_infra_failure: Callable[[str, str], None]) -> Any:
     """Run submit() under supervision; resubmit after infrastructure failures, up to budget.
 
     Raises:
@@ -47,6 +48,14 @@ def submit_supervised(submit: Callable[[], Any], placement: Callable[[], Abstrac
         try:
             supervise(future.wrapped_future, watch, dog, what)
             return future.result()
+        except WorkerUnhealthy as err:
+            # Redundancy: take the worker out of the cluster; a spare (or any other) takes over.
+            if err.worker:
+                watch.quarantine(err.worker)
+            failures += 1
+            on_infra_failure("unhealthy-worker", str(err))
+            if failures > budget:
+                raise InfrastructureError(f"{what}: no healthy worker; last: {err}") from None
         except InfrastructureError as err:
             try:
                 mark_crashed(future.task_run_id, f"infrastructure failure: {err}")
@@ -60,7 +69,7 @@ def submit_supervised(submit: Callable[[], Any], placement: Callable[[], Abstrac
             except Exception:  # noqa: BLE001 - the UI fix is best-effort; the run goes on
                 pass
             failures += 1
-            on_infra_failure(reason)
+            on_infra_failure("killed-worker", reason)
             if failures > budget:
                 raise InfrastructureError(f"{what} failed {failures} times on lost workers; "
                                           f"last: {reason}") from None

@@ -89,8 +89,11 @@ class TrainParams(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainParams:
-        if self.replicas > self.workers + self.spares:
-            raise ValueError(f"--replicas {self.replicas} needs at least as many workers + spares")
+        if self.replicas > 1:
+            # Said plainly rather than silently training one replica.
+            raise ValueError("--replicas > 1 is not available yet: replication is being built")
+        if self.chaos and "perturb-replica" in self.chaos:
+            raise ValueError("--chaos perturb-replica needs --replicas >= 2 (not available yet)")
         if self.until is not None and self.steps is not None and self.until > self.steps:
             raise ValueError(f"--until {self.until} is past --steps {self.steps}")
         return self

@@ -58,6 +58,7 @@ class ClusterWatch:
         self.last_progress_worker: str | None = None
         self.losses: list[WorkerLoss] = []
         self.hangs: list[dict[str, Any]] = []
+        self.quarantined: list[dict[str, Any]] = []
         self.client.subscribe_topic(PROGRESS_TOPIC, self._on_progress)
         self.client.subscribe_topic("all", self._on_cluster_event)
 
@@ -119,6 +120,15 @@ class ClusterWatch:
         """Kill and restart one worker process through its nanny (its tasks go elsewhere)."""
         self.client.restart_workers([worker], timeout=60, raise_for_error=False)
 
+    def quarantine(self, worker: str) -> None:
+        """Retire an unhealthy worker for good (its nanny is closed too: it is not restarted)."""
+        self.quarantined.append({"worker": worker, "unix": time.time()})
+        try:
+            # Not retire_workers: it refuses while the worker holds results nobody else has.
+            self.client.run_on_scheduler(_close_worker, worker=worker)
+        except Exception:  # noqa: BLE001 - already gone is as good as closed
+            pass
+
     def close(self) -> None:
         try:
             # Unsubscribe first, or the scheduler may still push events into a closed comm.
@@ -127,6 +137,11 @@ class ClusterWatch:
             self.client.close(timeout=5)
         except Exception:  # noqa: BLE001 - closing a client of a dead scheduler
             pass
+
+
+def _close_worker(worker: str, dask_scheduler: Any = None) -> None:
+    """Runs on the scheduler: tell the worker (and its nanny) to shut down for good."""
+    dask_scheduler.close_worker(worker)
 
 
 def supervise(dask_future: Any, watch: ClusterWatch, dog: Watchdog, what: str) -> None:

@@ -99,9 +99,9 @@ def train_epoch(plan: RunPlan, params: TrainParams, groups: list[Group], start_r
     protect = tuple(sorted({g.last_step for g in plan.groups if g.epoch_end}))
     task = train_batch_group.with_options(retries=params.retries)
 
-    def on_infra(reason: str) -> None:
-        out["infra_failures"].append({"unix": time.time(), "reason": reason})
-        _say(f"infrastructure failure, resubmitting: {reason}", "yellow")
+    def on_infra(kind: str, reason: str) -> None:
+        out["infra_failures"].append({"unix": time.time(), "kind": kind, "reason": reason})
+        _say(f"{kind}: {reason}; resubmitting", "yellow")
 
     try:
         for group in groups:

@@ -15,7 +15,7 @@ from datetime import timedelta
 from storage import CheckpointRef, CorruptCheckpointError, TransientStoreError, open_store
 from storage.faults import ENV as STORAGE_FAULT_ENV
 from storage.store import CheckpointStore
-from tasks import chaos, progress
+from tasks import chaos, health, progress
 from tasks.jobs import GroupJob, GroupResult, RunSpec
 from tasks.worker_cache import WarmTrainer, corpus_for, drop_warm, put_warm, take_warm
 from training.config import TrainConfig
@@ -162,6 +162,11 @@ def run_group(job: GroupJob) -> GroupResult:
     plan = chaos.parse_chaos(run.chaos_spec)
     random_events = plan.random_events(int(run.train_config.get("seed", 0)), job.first_step,
                                        job.last_step)
+    for event in plan.events:
+        if event.kind == "fail-probe" and job.first_step < event.step <= job.last_step \
+                and _fire(event, store, run.run_id):
+            raise health.WorkerUnhealthy(result.worker, f"chaos: fail-probe@{event.step}")
+    health.probe(store, run.run_id, result.worker)
     warm = _restore_start(store, job, result)
     attempt_name = f"attempts/{job.last_step:012d}-{uuid.uuid4().hex[:8]}"
     attempt = {"first_step": job.first_step, "last_step": job.last_step, "pid": os.getpid(),

@@ -8,14 +8,16 @@ from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from tasks.group_runner import run_group
+from tasks.health import WorkerUnhealthy
 from tasks.jobs import GroupJob
 
 
 def is_retryable(task: Any, task_run: Any, state: Any) -> bool:
-    """A configuration error (ValueError/TypeError) fails at once; anything else is retried."""
+    """Retry in place, except a configuration error (ValueError/TypeError: fails at once) and an
+    unhealthy worker (the flow quarantines it and resubmits elsewhere)."""
     try:
         state.result()
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, WorkerUnhealthy):
         return False
     except BaseException:
         return True

@@ -38,6 +38,7 @@ def test_durations() -> None:
         ({"chaos": "raise@0"}, "positive"),
         ({"ckpt_every": 0}, "ckpt-every"),
         ({"replicas": 3, "workers": 1, "spares": 1}, "replicas"),
+        ({"chaos": "perturb-replica@5"}, "replicas"),
         ({"until": 50, "steps": 10}, "past"),
         ({"steps": 0}, "greater than"),
     ],

@@ -271,3 +271,16 @@ def test_long_compute_bound_group_is_not_taken_for_a_dead_worker(
     assert len(attempts) == len({a["last_step"] for a in attempts})  # each group ran once
     longest = max(a["ended_unix"] - a["ready_unix"] for a in attempts)
     assert longest > 3.0  # longer than the hang timeout and the worker TTL
+
+
+def test_worker_failing_its_health_probe_is_quarantined(reference: dict, workdir: Path,
+                                                        corpus: Path) -> None:
+    done, s = _run(workdir, corpus, "probe", "--chaos", "fail-probe@23")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert s["state_hash"] == reference["state_hash"]
+    [failure] = s["failures"]
+    assert failure["kind"] == "fail-probe" and failure["lost_steps"] == 0
+    fired = open_store(str(workdir / "store")).read_json("probe", "chaos/fail-probe@23")
+    later = [a for a in _attempts(workdir / "store", "probe")
+             if a["started_unix"] > fired["fired_unix"]]
+    assert later and all(a["worker"] != fired["worker"] for a in later)  # quarantined for good
