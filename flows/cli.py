@@ -7,6 +7,7 @@ line and touches nothing. Exit status: 0 completed (or stopped as asked), 1 fail
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -15,6 +16,7 @@ import time
 from typing import Any, NoReturn
 
 from pydantic import ValidationError
+from rich.console import Console
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None, server_port: int | None = None) -> int:
 
 def _run(params: Any, plan: Any, server_port: int | None, started: float, show_progress: bool) -> int:
     from flows.cluster import cuda_available, local_cluster
+    from flows.plan import ConfigurationError
     from flows.prefect_env import local_prefect_server, rebound_home
     from flows.progress_view import ProgressView
     from flows.report import RunTally, build_summary, print_summary, write_summary_json
@@ -158,34 +161,34 @@ def _run(params: Any, plan: Any, server_port: int | None, started: float, show_p
     logging.getLogger("distributed").setLevel(logging.WARNING)
     use_gpu = params.device == "cuda" or (params.device == "auto" and cuda_available())
     summary: dict[str, Any] | None = None
-    status = EXIT_OK
-    with local_prefect_server_async(local_prefect_server, server_port) as server_ready:
-        n_workers = params.workers + (params.spares if params.standby == "hot" else 0)
-        cluster_cm = (local_cluster(n_workers, rebound_home() / "dask", use_gpu)
-                      if params.cluster is None else None)
-        try:
-            cluster = cluster_cm.__enter__() if cluster_cm else None
-            address = cluster.scheduler_address if cluster else params.cluster
-            start_step = 0
-            with ProgressView(console, plan.run.run_id, plan.stop_at, start_step,
-                              enabled=show_progress and sys.stderr.isatty()) as view:
-                view.attach(address)
-                server_ready()
-                flow_params = params.model_copy(update={"cluster": address})
-                summary = train(flow_params)
-        except KeyboardInterrupt:
-            status, reason = EXIT_FAILED, "interrupted"
-        except RunFailed as failed:
-            status, reason, summary = EXIT_FAILED, str(failed), failed.summary
-        except Exception as err:  # noqa: BLE001 - every failure ends in a summary and exit 1
-            from flows.plan import ConfigurationError
-
-            status = EXIT_USAGE if isinstance(err, ConfigurationError) else EXIT_FAILED
-            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        finally:
-            if cluster_cm is not None:
-                cluster_cm.__exit__(None, None, None)
-    if status == EXIT_FAILED:
+    status, reason = EXIT_OK, None
+    try:
+        with contextlib.ExitStack() as stack:
+            # The Prefect server and the cluster start side by side: both take seconds.
+            server_ready = stack.enter_context(
+                local_prefect_server_async(local_prefect_server, server_port))
+            address = params.cluster
+            if address is None:
+                n_workers = params.workers + (params.spares if params.standby == "hot" else 0)
+                cluster = stack.enter_context(
+                    local_cluster(n_workers, rebound_home() / "dask", use_gpu))
+                address = cluster.scheduler_address
+            view = stack.enter_context(ProgressView(
+                console, plan.run.run_id, plan.stop_at, 0,
+                enabled=show_progress and sys.stderr.isatty()))
+            view.attach(address)
+            server_ready()
+            summary = train(params.model_copy(update={"cluster": address}))
+    except KeyboardInterrupt:
+        status, reason = EXIT_FAILED, "interrupted"
+    except RunFailed as failed:
+        status, reason, summary = EXIT_FAILED, str(failed), failed.summary
+    except ConfigurationError as err:
+        status, reason = EXIT_USAGE, str(err)
+    except Exception as err:  # noqa: BLE001 - every failure ends in a summary and exit 1
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        status, reason = EXIT_FAILED, f"{type(err).__name__}: {first_line}"
+    if status != EXIT_OK:
         sys.stderr.write(f"error: run {plan.run.run_id} failed: {reason}\n")
     if summary is None:
         tally = RunTally(plan.run.run_id, params.store, started)
@@ -194,7 +197,7 @@ def _run(params: Any, plan: Any, server_port: int | None, started: float, show_p
         wall = time.time() - started
         summary["wall_s"] = round(wall, 3)
         summary["ettr"] = round(min(1.0, summary["productive_s"] / max(wall, 1e-9)), 4)
-    print_summary(Console_stdout(), summary)
+    print_summary(Console(), summary)
     if params.summary_json:
         write_summary_json(summary, params.summary_json)
     return status
@@ -236,9 +239,3 @@ class local_prefect_server_async:  # noqa: N801 - used as a context manager
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
-
-
-def Console_stdout() -> Any:  # noqa: N802
-    from rich.console import Console
-
-    return Console()

@@ -36,6 +36,8 @@ class RunTally:
     hangs: list[dict[str, Any]] = field(default_factory=list)
     """Hung groups the watchdog restarted (worker, detected_unix)."""
     corrupt_on_resume: list[str] = field(default_factory=list)
+    throughput: list[tuple[int, float]] = field(default_factory=list)
+    """(group's last step, training tokens/s of that group)."""
 
     def absorb_epoch(self, out: dict[str, Any]) -> None:
         """Fold one epoch subflow's outcome into the run's tally."""
@@ -44,6 +46,7 @@ class RunTally:
         self.losses += out["losses"]
         self.evals += out["evals"]
         self.infra_failures += out["infra_failures"]
+        self.throughput += out["throughput"]
         if out["evals"]:
             self.eval_loss = out["evals"][-1][1]
 
@@ -133,8 +136,13 @@ def summary_markdown(summary: dict[str, Any], tally: RunTally) -> str:
                   f"{f.get('lost_steps')} |" for f in summary["failures"]]
     else:
         lines.append("none")
-    lines += ["", "## Loss", "", "| step | train loss | eval loss |", "|---|---|---|"]
-    evals = dict(tally.evals)
-    for step, loss in tally.losses:
-        lines.append(f"| {step} | {loss:.4f} | {evals.get(step, '')} |")
+    lines += ["", "## Loss and throughput", "",
+              "| step | train loss | eval loss | tokens/s |", "|---|---|---|---|"]
+    evals = {s: f"{v:.4f}" for s, v in tally.evals}
+    speed = {s: f"{v:,.0f}" for s, v in tally.throughput}
+    # At most ~40 rows: every k-th step, plus every epoch end and group end.
+    every = max(1, len(tally.losses) // 40)
+    for i, (step, loss) in enumerate(tally.losses):
+        if i % every == 0 or step in evals or step in speed or i == len(tally.losses) - 1:
+            lines.append(f"| {step} | {loss:.4f} | {evals.get(step, '')} | {speed.get(step, '')} |")
     return "\n".join(lines)

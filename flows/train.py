@@ -92,7 +92,7 @@ def train_epoch(plan: RunPlan, params: TrainParams, groups: list[Group], start_r
     """
     out: dict[str, Any] = {"ref": start_ref, "stopped": None, "infra_error": None,
                            "checkpoints": 0, "stall_s": 0.0, "losses": [], "evals": [],
-                           "infra_failures": []}
+                           "infra_failures": [], "throughput": []}
     watch = _watch_of(plan.run.run_id)
     dog = params.watchdog
     last_worker: str | None = None
@@ -119,6 +119,8 @@ def train_epoch(plan: RunPlan, params: TrainParams, groups: list[Group], start_r
             out["checkpoints"] += len(result["checkpoints"])
             out["stall_s"] += result["ckpt_s"]
             out["losses"] += [tuple(x) for x in result["losses"]]
+            if result["train_s"] > 0:
+                out["throughput"].append((result["step"], result["tokens"] / result["train_s"]))
             for line in result["corrupt"]:
                 _say(f"corrupt checkpoint skipped: {line}", "yellow")
             if plan.ckpt_auto and result["steps_trained"] and result["checkpoints"]:

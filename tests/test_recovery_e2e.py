@@ -74,6 +74,15 @@ def test_worker_killed_mid_step_recovers_on_another_worker(reference: dict, work
     after = [a for a in _attempts(workdir / "store", "kill-worker")
              if a["started_unix"] > fired["fired_unix"]]
     assert after and all(a["pid"] != fired["pid"] for a in after)  # another process took over
+    # The Prefect UI shows the same story: the run's summary artifact lists the failure.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["rebound-summary"])))
+    [mine] = [a for a in artifacts if "run `kill-worker`" in str(a.data)]
+    assert "| kill-worker | 17 |" in str(mine.data) and "tokens/s" in str(mine.data)
 
 
 def test_killed_mid_save_uses_previous_checkpoint_and_reuses_chunks(reference: dict,
