@@ -10,6 +10,7 @@ import torch
 
 import storage  # noqa: F401
 import tasks.train_batch_group  # noqa: F401  (imports prefect and the training loop)
+from tasks.priority import restore_normal
 
 
 def _warm_adamw() -> None:
@@ -20,5 +21,6 @@ def _warm_adamw() -> None:
 
 
 def dask_setup(worker: object) -> None:
-    """Called by Dask when the worker starts."""
+    """Called by Dask when the worker starts: warm up, then back to normal priority."""
     _warm_adamw()
+    restore_normal()
