@@ -1,7 +1,7 @@
 """bench.overhead: Rebound's cost against a plain torch loop, side by side in one invocation.
 
 Both contenders train the same model on the same data for the same steps with the same
-checkpoint interval, each in a fresh process:
+checkpoint interval and evaluate at the same epoch ends, each in a fresh process:
   plain_loop  a single-process torch loop saving with torch.save (tmp + fsync + rename)
   rebound     `python -m flows.train`: Prefect + Dask LocalCluster + verified Zarr checkpoints
 

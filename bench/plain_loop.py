@@ -1,7 +1,8 @@
 """Contender (a) of bench.overhead: the plain single-process torch loop a user would write.
 
-Same model, data, steps and checkpoint interval as Rebound; checkpoints with `torch.save` to a
-temporary file, fsync, rename (the usual safe pattern). Prints one JSON line of timings.
+Same model, data, steps and checkpoint interval as Rebound, and the same held-out evaluation at
+each epoch end; checkpoints with `torch.save` to a temporary file, fsync, rename (the usual safe
+pattern). Prints one JSON line of timings.
 """
 
 from __future__ import annotations
@@ -45,8 +46,11 @@ def main() -> None:
     trainer = Trainer(cfg, load_corpus(a.data), device="cpu")
     first_step_at = time.time()
     ckpt_s, loss = 0.0, float("nan")
+    epoch_steps = trainer.batches_per_epoch
     while trainer.step < a.steps:
         loss = trainer.train_step().loss
+        if trainer.step % epoch_steps == 0 or trainer.step == a.steps:
+            trainer.evaluate()
         if trainer.step % a.ckpt_every == 0 or trainer.step == a.steps:
             t0 = time.perf_counter()
             _save(trainer, os.path.join(a.out, "ckpt.pt"))

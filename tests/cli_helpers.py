@@ -26,7 +26,7 @@ def cli_args(store: Path, corpus: Path, run_id: str, *extra: str) -> list[str]:
             "--keep", "20", *extra]
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL the CLI and everything it started (its own process group), then reap it."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -54,12 +54,12 @@ def run_cli(args: list[str], timeout_s: float = RUN_TIMEOUT_S) -> subprocess.Com
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
+        kill_group(proc)
         out, err = proc.communicate()
         raise AssertionError(f"CLI ran past {timeout_s}s: {args}\n{err[-3000:]}") from None
     finally:
         if proc.poll() is None:
-            _kill_group(proc)
+            kill_group(proc)
         else:
             # Workers of a finished CLI are gone with their nannies; make sure nothing lingers.
             try:
@@ -83,7 +83,7 @@ def kill_when(proc: subprocess.Popen, condition: Any, timeout_s: float = RUN_TIM
                 raise AssertionError("kill point never reached")
             time.sleep(0.05)  # polling the store: the event is a directory appearing on disk
     finally:
-        _kill_group(proc)
+        kill_group(proc)
 
 
 def committed_steps(store: Path, run_id: str) -> list[int]:

@@ -7,12 +7,12 @@ test fails half-way.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from tests.cli_helpers import kill_group
 
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 90.0
@@ -24,14 +24,7 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen:
                                 start_new_session=True, cwd=Path(__file__).resolve().parents[1])
 
 
-def kill(proc: subprocess.Popen) -> None:
-    """SIGKILL a process and everything in its session, then reap it."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
-
+kill = kill_group
 
 class CommandLineCluster:
     """`dask scheduler` + `dask worker` processes on 127.0.0.1."""

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,9 @@ from storage import open_store
 from tests.cli_helpers import (
     CKPT,
     ROOT,
-    _kill_group,
     cli_args,
     committed_steps,
+    kill_group,
     read_summary,
     run_cli,
     start_cli,
@@ -59,6 +60,29 @@ def _one_line_error(stderr: str) -> str:
 def _verify(store: Path, run_id: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "storage", "verify", str(store), run_id],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, store: Path, run_id: str, step: int) -> None:
+    """Block until a checkpoint at or past step is committed (the CLI must still be running)."""
+    while not any(s >= step for s in committed_steps(store, run_id)):
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)  # polling the store: the event is a directory appearing on disk
+
+
+def _break_mid_run(args: list[str], store: Path, run_id: str,
+                   breaker: Callable[[], None]) -> tuple[int, str]:
+    """Start the CLI, break something once step 10 is committed, and wait (bounded) for the
+    CLI to end. Returns its exit status and stderr."""
+    proc = start_cli(args)
+    try:
+        _wait_for_checkpoint(proc, store, run_id, 10)
+        breaker()
+        broken_at = time.monotonic()
+        _, err = proc.communicate(timeout=BOUND_S)
+        assert time.monotonic() - broken_at < BOUND_S
+    finally:
+        kill_group(proc)
+    return proc.returncode, err
 
 
 def test_worker_killed_mid_step_recovers_on_another_worker(reference: dict, workdir: Path,
@@ -140,13 +164,11 @@ def test_coordinator_killed_resumes_without_retraining_committed_groups(referenc
     args = cli_args(store, corpus, "coordinator")
     proc = start_cli(args)
     try:
-        while not any(s >= 20 for s in committed_steps(store, "coordinator")):
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            time.sleep(0.05)  # polling the store: the event is a directory appearing on disk
+        _wait_for_checkpoint(proc, store, "coordinator", 20)
         os.kill(proc.pid, signal.SIGKILL)  # the flow process only: its cluster is orphaned
         proc.wait(timeout=30)
     finally:
-        _kill_group(proc)  # whatever it left behind, by process group
+        kill_group(proc)  # whatever it left behind, by process group
     committed_before = max(committed_steps(store, "coordinator"))
     rerun_at = time.time()
     done, s = _run(workdir, corpus, "coordinator")
@@ -164,18 +186,8 @@ def test_cluster_lost_fails_within_bounds_and_rerun_resumes(reference: dict, wor
     try:
         args = cli_args(store, corpus, "cluster-lost", "--cluster", cluster.address,
                         "--cluster-timeout", "5s")
-        proc = start_cli(args)
-        try:
-            while not any(s >= 10 for s in committed_steps(store, "cluster-lost")):
-                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-                time.sleep(0.05)
-            cluster.kill_scheduler()
-            killed_at = time.monotonic()
-            _, err = proc.communicate(timeout=BOUND_S)
-            assert time.monotonic() - killed_at < BOUND_S
-        finally:
-            _kill_group(proc)
-        assert proc.returncode == 1, err[-3000:]
+        returncode, err = _break_mid_run(args, store, "cluster-lost", cluster.kill_scheduler)
+        assert returncode == 1, err[-3000:]
         assert "unreachable" in _one_line_error(err)
     finally:
         cluster.close()
@@ -203,21 +215,12 @@ def test_every_worker_lost_fails_within_bounds(workdir: Path, corpus: Path) -> N
     store = workdir / "store"
     cluster = CommandLineCluster(workdir / "cluster-c", n_workers=2)
     try:
-        proc = start_cli(cli_args(store, corpus, "no-workers", "--cluster", cluster.address,
-                                  "--no-worker-timeout", "5s"))
-        try:
-            while not any(s >= 10 for s in committed_steps(store, "no-workers")):
-                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-                time.sleep(0.05)
-            cluster.kill_workers()
-            killed_at = time.monotonic()
-            _, err = proc.communicate(timeout=BOUND_S)
-            assert time.monotonic() - killed_at < BOUND_S
-        finally:
-            _kill_group(proc)
+        args = cli_args(store, corpus, "no-workers", "--cluster", cluster.address,
+                        "--no-worker-timeout", "5s")
+        returncode, err = _break_mid_run(args, store, "no-workers", cluster.kill_workers)
     finally:
         cluster.close()
-    assert proc.returncode == 1, err[-3000:]
+    assert returncode == 1, err[-3000:]
     assert "every Dask worker lost" in _one_line_error(err)
     assert committed_steps(store, "no-workers")
     assert _verify(store, "no-workers").returncode == 0
