@@ -41,7 +41,8 @@ OPTION_HELP = {
     "keep": "retention: keep the newest K checkpoints plus epoch ends (default 3)",
     "workers": "Dask workers that train (local cluster; default 1)",
     "spares": "spare Dask workers that absorb lost ones (default 1)",
-    "standby": "hot: spares started with the cluster; cold: started when a worker is lost",
+    "standby": "hot: spares start with the cluster, warm; cold: no spare processes (a lost "
+               "worker is restarted by its nanny, paying its start-up)",
     "cluster": "address of an existing Dask scheduler, e.g. tcp://127.0.0.1:8786",
     "device": "auto (CUDA when present, else CPU), cpu or cuda",
     "threads": "torch threads per worker (default: cores / workers)",

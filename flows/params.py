@@ -45,7 +45,7 @@ class TrainParams(BaseModel):
     keep: int = Field(3, ge=1, description="Keep the newest K checkpoints (plus epoch ends).")
     workers: int = Field(1, ge=1, le=64, description="Dask workers training (LocalCluster).")
     spares: int = Field(1, ge=0, le=64, description="Spare Dask workers that absorb lost ones.")
-    standby: Literal["hot", "cold"] = Field("hot", description="hot: spares start warm; cold: started on demand.")
+    standby: Literal["hot", "cold"] = Field("hot", description="hot: spares start warm; cold: no spares, lost workers are restarted.")
     cluster: str | None = Field(None, description="Address of an existing Dask scheduler (tcp://host:port).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
     threads: int | None = Field(None, ge=1, le=256, description="Torch threads per worker (default: cores / workers).")
