@@ -67,7 +67,6 @@ def local_cluster(n_workers: int, local_directory: Path, use_gpu: bool) -> Itera
             silence_logs=logging.ERROR,
             local_directory=str(local_directory),
             preload=["tasks.preload"],
-            preload_nanny=["tasks.nanny_preload"],
             resources={"GPU": 1} if use_gpu else None,
         )
     try:

@@ -20,7 +20,7 @@ from distributed.scheduler import KilledWorker
 from prefect.client.orchestration import get_client
 from prefect.states import Crashed
 
-from flows.supervise import ClusterWatch, InfrastructureError, Watchdog, supervise
+from flows.supervise import ClusterWatch, InfrastructureError, TaskStranded, Watchdog, supervise
 from tasks.health import WorkerUnhealthy
 
 INFRA_ERRORS = (KilledWorker, CommClosedError, FutureCancelledError, asyncio.CancelledError,
@@ -33,21 +33,37 @@ def mark_crashed(task_run_id: Any, message: str) -> None:
         client.set_task_run_state(task_run_id, Crashed(message=message), force=True)
 
 
-def submit_supervised(submit: Callable[[], Any], placement: Callable[[], AbstractContextManager],
+def submit_supervised(submit: Callable[[], Any],
+                      placement: Callable[[bool], AbstractContextManager],
                       watch: ClusterWatch, dog: Watchdog, what: str, budget: int,
                       on_infra_failure: Callable[[str, str], None]) -> Any:
     """Run submit() under supervision; resubmit after infrastructure failures, up to budget.
+
+    `placement(pinned)` gives the Dask annotations to submit under; after a stranded task the
+    resubmission is not pinned to a worker.
 
     Raises:
         InfrastructureError: the budget is spent, or the cluster itself is gone.
     """
     failures = 0
+    pinned = True
     while True:
-        with placement():
+        with placement(pinned):
             future = submit()
         try:
             supervise(future.wrapped_future, watch, dog, what)
             return future.result()
+        except TaskStranded as err:
+            future.wrapped_future.cancel()
+            try:
+                mark_crashed(future.task_run_id, str(err))
+            except Exception:  # noqa: BLE001 - the UI fix is best-effort; the run goes on
+                pass
+            pinned = False
+            failures += 1
+            on_infra_failure("stranded-task", str(err))
+            if failures > budget:
+                raise InfrastructureError(f"{what}: {err}") from None
         except WorkerUnhealthy as err:
             # Redundancy: take the worker out of the cluster; a spare (or any other) takes over.
             if err.worker:

@@ -27,6 +27,10 @@ class InfrastructureError(RuntimeError):
     """The cluster failed (scheduler or every worker gone): not the task's fault."""
 
 
+class TaskStranded(RuntimeError):
+    """The task waits for a worker that will never come (e.g. pinned to a dead one)."""
+
+
 @dataclass(frozen=True)
 class Watchdog:
     hang_timeout: timedelta = timedelta(minutes=5)
@@ -37,6 +41,8 @@ class Watchdog:
     """No worker at all for this long: the run fails (every worker lost)."""
     poll: timedelta = timedelta(milliseconds=200)
     """How often the watcher looks; events themselves arrive as they happen."""
+    stranded_after: timedelta = timedelta(seconds=3)
+    """A task left unrunnable this long while workers exist is resubmitted elsewhere."""
 
 
 @dataclass
@@ -116,6 +122,13 @@ class ClusterWatch:
                 return str(worker)
         return None
 
+    def task_state(self, key: str) -> str | None:
+        """The scheduler's state of a task ('processing', 'no-worker', ...); None if unknown."""
+        try:
+            return self.client.run_on_scheduler(_task_state, key=key)
+        except Exception:  # noqa: BLE001
+            return None
+
     def restart_worker(self, worker: str) -> None:
         """Kill and restart one worker process through its nanny (its tasks go elsewhere)."""
         self.client.restart_workers([worker], timeout=60, raise_for_error=False)
@@ -139,6 +152,12 @@ class ClusterWatch:
             pass
 
 
+def _task_state(key: str, dask_scheduler: Any = None) -> str | None:
+    """Runs on the scheduler."""
+    ts = dask_scheduler.tasks.get(key)
+    return None if ts is None else str(ts.state)
+
+
 def _close_worker(worker: str, dask_scheduler: Any = None) -> None:
     """Runs on the scheduler: tell the worker (and its nanny) to shut down for good."""
     dask_scheduler.close_worker(worker)
@@ -152,6 +171,8 @@ def supervise(dask_future: Any, watch: ClusterWatch, dog: Watchdog, what: str) -
     """
     watch.touch()
     workerless_since: float | None = None
+    unrunnable_since: float | None = None
+    next_state_check = 0.0
     while not dask_future.done():
         time.sleep(dog.poll.total_seconds())
         now = time.monotonic()
@@ -166,12 +187,24 @@ def supervise(dask_future: Any, watch: ClusterWatch, dog: Watchdog, what: str) -
                     f"during {what}")
             continue
         workerless_since = None
+        if now >= next_state_check:
+            # Dask keeps a task pinned to a worker that died in 'no-worker' even when its
+            # restriction is loose and other workers are idle: notice, and resubmit it.
+            next_state_check = now + 1.0
+            if watch.task_state(dask_future.key) == "no-worker":
+                unrunnable_since = unrunnable_since or now
+                if now - unrunnable_since > dog.stranded_after.total_seconds():
+                    raise TaskStranded(f"{what} was left without a worker by the scheduler")
+            else:
+                unrunnable_since = None
         if watch.silence_s() > dog.hang_timeout.total_seconds():
             worker = watch.worker_processing(dask_future.key)
-            if worker is not None:
-                watch.hangs.append({"worker": worker, "detected_unix": time.time(),
-                                    "silence_s": round(watch.silence_s(), 3)})
-                watch.restart_worker(worker)
+            if worker is None:
+                raise TaskStranded(f"{what} made no progress for "
+                                   f"{dog.hang_timeout.total_seconds():.0f} s on no worker")
+            watch.hangs.append({"worker": worker, "detected_unix": time.time(),
+                                "silence_s": round(watch.silence_s(), 3)})
+            watch.restart_worker(worker)
             watch.touch()
     if dask_future.status == "cancelled" or not watch.scheduler_reachable():
         # A lost scheduler cancels every future: tell that apart from a task's own failure.

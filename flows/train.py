@@ -110,9 +110,9 @@ def train_epoch(plan: RunPlan, params: TrainParams, groups: list[Group], start_r
                 return out
             job = GroupJob(plan.run, group.first_step, group.last_step, plan.ckpt_every,
                            protect, deadline_unix)
-            placement = _placement(use_gpu, last_worker)
             result = submit_supervised(
-                lambda job=job: task.submit(job), lambda p=placement: dask.annotate(**p),
+                lambda job=job: task.submit(job),
+                lambda pinned, w=last_worker: dask.annotate(**_placement(use_gpu, w if pinned else None)),
                 watch, dog, f"steps {group.first_step}-{group.last_step}", params.retries,
                 on_infra)
             out["ref"], last_worker = result["ref"], result.get("worker")
@@ -131,10 +131,10 @@ def train_epoch(plan: RunPlan, params: TrainParams, groups: list[Group], start_r
                 out["stopped"] = f"time budget {params.time_budget} spent"
                 return out
             if group.epoch_end:
-                ref, placement = out["ref"], _placement(use_gpu, last_worker)
+                ref = out["ref"]
                 eval_loss = submit_supervised(
                     lambda ref=ref: evaluate.submit(plan.run, ref),
-                    lambda p=placement: dask.annotate(**p),
+                    lambda pinned, w=last_worker: dask.annotate(**_placement(use_gpu, w if pinned else None)),
                     watch, dog, f"evaluation at step {group.last_step}", params.retries,
                     on_infra)
                 out["evals"].append((group.last_step, eval_loss))

@@ -6,11 +6,15 @@ worker that paid both at start-up, while the Prefect server is still starting, r
 
 from __future__ import annotations
 
-import torch
+from tasks.priority import lower_for_boot, restore_normal
 
-import storage  # noqa: F401
-import tasks.train_batch_group  # noqa: F401  (imports prefect and the training loop)
-from tasks.priority import restore_normal
+# Boot at low priority: a worker restarted after a crash must not slow the spare taking over.
+lower_for_boot()
+
+import torch  # noqa: E402
+
+import storage  # noqa: E402, F401
+import tasks.train_batch_group  # noqa: E402, F401  (imports prefect and the training loop)
 
 
 def _warm_adamw() -> None:

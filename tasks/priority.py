@@ -1,9 +1,9 @@
 """Process priority for booting workers: a worker restarted after a crash must not slow the
 spare that is taking over its work.
 
-A nanny's preload lowers the nanny's priority, so the worker processes it (re)starts boot at
-low priority (`import torch`, Prefect, AdamW warm-up: seconds of CPU); the worker's own preload
-restores normal priority once it is warm. Linux keeps a nice value per thread, so every thread
+The worker's preload lowers its priority before the heavy part of its start-up (`import torch`,
+Prefect, AdamW warm-up: seconds of CPU) and restores normal priority once it is warm. (Not the
+nanny: a LocalCluster's nannies live in the flow's own process.) Linux keeps a nice value per thread, so every thread
 is set. Without the privilege to raise priority again (not root), a worker stays at the lower
 priority, which only matters against other programs on the same machine.
 """
