@@ -1,9 +1,10 @@
 """Process priority for booting workers: a worker restarted after a crash must not slow the
 spare that is taking over its work.
 
-The worker's preload lowers its priority before the heavy part of its start-up (`import torch`,
-Prefect, AdamW warm-up: seconds of CPU) and restores normal priority once it is warm. (Not the
-nanny: a LocalCluster's nannies live in the flow's own process.) Linux keeps a nice value per thread, so every thread
+The process that starts a LocalCluster lowers its own priority first, so the worker processes
+it spawns (and respawns after a crash) boot at low priority (`import torch`, Prefect, AdamW
+warm-up: seconds of CPU); a worker's preload lowers itself too (for workers started elsewhere)
+and restores normal priority once it is warm. The coordinator stays low: it is mostly idle. Linux keeps a nice value per thread, so every thread
 is set. Without the privilege to raise priority again (not root), a worker stays at the lower
 priority, which only matters against other programs on the same machine.
 """
