@@ -41,7 +41,7 @@ class Watchdog:
     """No worker at all for this long: the run fails (every worker lost)."""
     poll: timedelta = timedelta(milliseconds=200)
     """How often the watcher looks; events themselves arrive as they happen."""
-    stranded_after: timedelta = timedelta(seconds=3)
+    stranded_after: timedelta = timedelta(seconds=1)
     """A task left unrunnable this long while workers exist is resubmitted elsewhere."""
 
 
@@ -190,7 +190,7 @@ def supervise(dask_future: Any, watch: ClusterWatch, dog: Watchdog, what: str) -
         if now >= next_state_check:
             # Dask keeps a task pinned to a worker that died in 'no-worker' even when its
             # restriction is loose and other workers are idle: notice, and resubmit it.
-            next_state_check = now + 1.0
+            next_state_check = now + 0.5
             if watch.task_state(dask_future.key) == "no-worker":
                 unrunnable_since = unrunnable_since or now
                 if now - unrunnable_since > dog.stranded_after.total_seconds():

@@ -296,3 +296,16 @@ def test_worker_failing_its_health_probe_is_quarantined(reference: dict, workdir
     later = [a for a in _attempts(workdir / "store", "probe")
              if a["started_unix"] > fired["fired_unix"]]
     assert later and all(a["worker"] != fired["worker"] for a in later)  # quarantined for good
+
+
+def test_workers_killed_back_to_back_still_recover(reference: dict, workdir: Path,
+                                                   corpus: Path) -> None:
+    # The second kill lands while the first victim's replacement is still starting: for a
+    # moment no worker runs, and Dask strands a task pinned to the dead worker in 'no-worker'
+    # even though its pin is loose. The supervisor resubmits it unpinned.
+    done, s = _run(workdir, corpus, "back-to-back", "--chaos", "kill-worker@13,kill-worker@16")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert s["state_hash"] == reference["state_hash"]
+    kills = [f for f in s["failures"] if f["kind"] == "kill-worker"]
+    assert [f["step"] for f in kills] == [13, 16]
+    assert all(f["lost_steps"] <= CKPT for f in kills)
