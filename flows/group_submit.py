@@ -48,8 +48,17 @@ def submit_supervised(submit: Callable[[], Any],
     failures = 0
     pinned = True
     while True:
-        with placement(pinned):
-            future = submit()
+        try:
+            with placement(pinned):
+                future = submit()
+        except (*INFRA_ERRORS, OSError, TimeoutError) as err:
+            # Submitting needs the scheduler: a lost cluster shows up here as a connect error.
+            watch.ensure_scheduler(dog.scheduler_timeout, what)
+            failures += 1
+            on_infra_failure("submit-failed", f"{type(err).__name__}: {err}")
+            if failures > budget:
+                raise InfrastructureError(f"{what}: could not submit: {err}") from None
+            continue
         try:
             supervise(future.wrapped_future, watch, dog, what)
             return future.result()

@@ -57,6 +57,7 @@ class ClusterWatch:
 
     def __init__(self, address: str, run_id: str, connect_timeout: timedelta) -> None:
         self.run_id = run_id
+        self.address = address
         self.client = Client(address, timeout=connect_timeout.total_seconds(),
                              set_as_default=False)
         self._lock = threading.Lock()
@@ -100,7 +101,7 @@ class ClusterWatch:
         while not self.scheduler_reachable():
             if time.monotonic() > deadline or self.client.status in ("closed", "closing"):
                 raise InfrastructureError(
-                    f"Dask scheduler {self.client.scheduler.address} unreachable for "
+                    f"Dask scheduler {self.address} unreachable for "
                     f"{timeout.total_seconds():.0f} s during {what} (cluster lost)")
             time.sleep(0.1)
 

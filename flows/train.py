@@ -186,13 +186,23 @@ def train(params: TrainParams) -> dict[str, Any]:
     with _cluster_address(params, use_gpu) as address:
         watch = ClusterWatch(address, plan.run.run_id, params.watchdog.scheduler_timeout)
         _WATCHES[plan.run.run_id] = watch
-        runner = DaskTaskRunner(address=address)
+        runner = DaskTaskRunner(address=address, client_kwargs={
+            "timeout": params.watchdog.scheduler_timeout.total_seconds()})
         try:
             for epoch in sorted({g.epoch for g in remaining}):
                 groups = [g for g in remaining if g.epoch == epoch]
-                out = train_epoch.with_options(
-                    task_runner=runner, flow_run_name=f"{plan.run.run_id} epoch {epoch}",
-                )(plan, params, groups, ref.to_dict() if ref else None, use_gpu, deadline)
+                try:
+                    out = train_epoch.with_options(
+                        task_runner=runner, flow_run_name=f"{plan.run.run_id} epoch {epoch}",
+                    )(plan, params, groups, ref.to_dict() if ref else None, use_gpu, deadline)
+                except Exception as err:
+                    # An epoch that could not even start its task runner: a lost cluster?
+                    if watch.scheduler_reachable():
+                        raise
+                    status, reason = "failed", (
+                        f"Dask scheduler {address} unreachable (cluster lost): "
+                        f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+                    break
                 ref = CheckpointRef.from_dict(out["ref"]) if out["ref"] else ref
                 tally.absorb_epoch(out)
                 if out["infra_error"]:
