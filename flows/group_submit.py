@@ -33,6 +33,22 @@ def mark_crashed(task_run_id: Any, message: str) -> None:
         client.set_task_run_state(task_run_id, Crashed(message=message), force=True)
 
 
+RESULT_WAIT_S = 10.0
+"""How long to wait for a finished task's result before watching the task again."""
+
+
+def _result_supervised(future: Any, watch: ClusterWatch, dog: Watchdog, what: str) -> Any:
+    """The task's result. A finished task's result can still be lost with its worker before it
+    is fetched; Dask then reschedules the task and the fetch would wait forever for a worker.
+    So the fetch has a timeout, and on it the (rescheduled) task is supervised again."""
+    while True:
+        supervise(future.wrapped_future, watch, dog, what)
+        try:
+            return future.result(timeout=RESULT_WAIT_S)
+        except TimeoutError:
+            continue
+
+
 def submit_supervised(submit: Callable[[], Any],
                       placement: Callable[[bool], AbstractContextManager],
                       watch: ClusterWatch, dog: Watchdog, what: str, budget: int,
@@ -60,8 +76,7 @@ def submit_supervised(submit: Callable[[], Any],
                 raise InfrastructureError(f"{what}: could not submit: {err}") from None
             continue
         try:
-            supervise(future.wrapped_future, watch, dog, what)
-            return future.result()
+            return _result_supervised(future, watch, dog, what)
         except TaskStranded as err:
             future.wrapped_future.cancel()
             try:
