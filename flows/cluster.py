@@ -12,8 +12,6 @@ from pathlib import Path
 import dask
 from distributed import Client, LocalCluster
 
-from tasks.priority import lower_for_boot
-
 CLUSTER_START_TIMEOUT = timedelta(seconds=120)
 
 DASK_SETTINGS = {
@@ -59,11 +57,6 @@ def cuda_available() -> bool:
 def local_cluster(n_workers: int, local_directory: Path, use_gpu: bool) -> Iterator[LocalCluster]:
     """A LocalCluster of single-threaded process workers on 127.0.0.1, stopped on exit."""
     local_directory.mkdir(parents=True, exist_ok=True)
-    # Orchestration yields to training: this process (flow, scheduler, nannies) runs at low
-    # priority, and so do the worker processes it spawns until their preload is warm and
-    # restores normal priority. A worker restarted after a crash then boots without slowing
-    # the spare that took over (recovery measured 1.2 s -> 0.6 s here).
-    lower_for_boot()
     with dask.config.set(dask_settings()):
         cluster = LocalCluster(
             n_workers=n_workers,
