@@ -6,8 +6,10 @@ Imports neither Prefect nor Dask, and torch only when tensors are saved or loade
 from storage.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    FatalStoreError,
     StoreError,
     TransientStoreError,
+    classify_os_error,
 )
 from storage.hashing import state_hash
 from storage.reader import VerifyReport
@@ -20,12 +22,14 @@ __all__ = [
     "CheckpointRef",
     "CheckpointStore",
     "CorruptCheckpointError",
+    "FatalStoreError",
     "LoadedCheckpoint",
     "SaveStats",
     "StoreConfig",
     "StoreError",
     "TransientStoreError",
     "VerifyReport",
+    "classify_os_error",
     "open_store",
     "state_hash",
 ]

@@ -1,11 +1,16 @@
 """Error classes the orchestration layer reads to decide what to do next.
 
 - ``TransientStoreError``: I/O that may succeed on retry (retry the task).
+- ``FatalStoreError``: the storage refuses in a way no retry can fix (full disk, read-only,
+  permission denied): fail at once with its one-line message.
 - ``CorruptCheckpointError``: a checkpoint failed verification (fall back to an older one).
 - ``CheckpointNotFoundError``: nothing committed there (start fresh / bad usage).
 """
 
 from __future__ import annotations
+
+import errno as _errno
+import os
 
 
 class StoreError(Exception):
@@ -18,6 +23,47 @@ class CheckpointNotFoundError(StoreError, LookupError):
 
 class TransientStoreError(StoreError):
     """Filesystem I/O failed in a way a retry may fix; nothing was committed."""
+
+
+class FatalStoreError(StoreError):
+    """The storage refuses in a way no retry can fix (ENOSPC, EROFS, EACCES, EPERM, EDQUOT).
+
+    Attributes:
+        url: the store.
+        errno_name: the error's symbolic name, e.g. ``"ENOSPC"``.
+        strerror: the system's words for it, e.g. ``"No space left on device"``.
+    """
+
+    def __init__(self, url: str, errno_name: str, strerror: str) -> None:
+        self.url = url
+        self.errno_name = errno_name
+        self.strerror = strerror
+        super().__init__(f"store {url}: {strerror} ({errno_name})")
+
+    def __reduce__(self):  # picklable across process boundaries (Dask/Prefect results)
+        return (FatalStoreError, (self.url, self.errno_name, self.strerror))
+
+
+# Errors a retry cannot fix: the disk stays full, the mount read-only, the permission missing.
+_FATAL_ERRNOS = frozenset(
+    getattr(_errno, name) for name in ("ENOSPC", "EROFS", "EACCES", "EPERM", "EDQUOT") if hasattr(_errno, name)
+)
+
+
+def classify_os_error(err: OSError, url: str, what: str | None = None) -> StoreError:
+    """The store error an OSError stands for: FatalStoreError or TransientStoreError.
+
+    Args:
+        err: what the filesystem raised.
+        url: the store, named in a fatal error's message.
+        what: what was being done (``"saving r@3"``), the prefix of a transient error's message;
+            defaults to ``store <url>``.
+    """
+    code = err.errno
+    if code in _FATAL_ERRNOS:
+        strerror = err.strerror or os.strerror(code)
+        return FatalStoreError(url, _errno.errorcode.get(code, str(code)), strerror)
+    return TransientStoreError(f"{what or f'store {url}'}: {err}")
 
 
 class CorruptCheckpointError(StoreError):

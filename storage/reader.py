@@ -3,7 +3,7 @@
 Loading reads each chunk straight into the memory of the tensor it belongs to and hashes the
 bytes as they arrive, so verification costs no second pass. Every failure becomes a
 CorruptCheckpointError naming run, step, array and chunk; filesystem errors other than a
-missing file become TransientStoreError.
+missing file become TransientStoreError (or FatalStoreError: permission denied, ...).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import xxhash
 
 from storage.backend import Backend, ChunkSizeError
-from storage.errors import CheckpointNotFoundError, CorruptCheckpointError, TransientStoreError
+from storage.errors import CheckpointNotFoundError, CorruptCheckpointError, classify_os_error
 from storage.hashing import StateHasher, bytes_hash
 from storage.manifest import (
     MANIFEST,
@@ -70,7 +70,7 @@ def _read(backend: Backend, path: str) -> bytes | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise TransientStoreError(f"reading {path}: {e}") from e
+        raise classify_os_error(e, backend.url, f"reading {path}") from e
 
 
 def open_manifest(backend: Backend, run_id: str, step: int, step_dir: str) -> tuple[Manifest, CheckpointRef]:
@@ -109,7 +109,7 @@ def _read_chunk(
             run_id, step, f"chunk file {what}: {e}", array=name, chunk=spec.key
         ) from None
     except OSError as e:
-        raise TransientStoreError(f"reading {name}/{spec.key} of {run_id}@{step}: {e}") from e
+        raise classify_os_error(e, backend.url, f"reading {name}/{spec.key} of {run_id}@{step}") from e
     if verify and h.hexdigest() != entry.hashes[i]:
         raise CorruptCheckpointError(
             run_id, step, f"hash mismatch: stored bytes hash to {h.hexdigest()}, manifest says {entry.hashes[i]}",

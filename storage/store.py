@@ -22,8 +22,9 @@ from storage.backend import Backend
 from storage.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    FatalStoreError,
     StoreError,
-    TransientStoreError,
+    classify_os_error,
 )
 from storage.export import ExportFormat, write_export
 from storage.manifest import MARKER, Manifest
@@ -134,6 +135,8 @@ class CheckpointStore:
             ValueError/TypeError: bad names, dtypes or metadata (nothing written).
             TransientStoreError: the filesystem failed; nothing was committed, and the chunks
                 written so far are reused by the next attempt.
+            FatalStoreError: the storage refuses (full, read-only, no permission); nothing
+                was committed.
         """
         t0 = time.perf_counter()
         ckpt_dir, step_name = self._ckpt_dir(run_id), step_dirname(step)
@@ -148,7 +151,7 @@ class CheckpointStore:
                 return existing
             staging = self.backend.begin_staging(ckpt_dir, staging_prefix(step_name))
         except OSError as e:
-            raise TransientStoreError(f"saving {run_id}@{step}: {e}") from e
+            raise classify_os_error(e, self.url, f"saving {run_id}@{step}") from e
         try:
             staged = write_staging(
                 self.backend, staging, run_id, step, ckpt_dir, step_name, tensors, metadata,
@@ -156,8 +159,12 @@ class CheckpointStore:
             )
             won = staging.commit(final, MARKER, staged.marker)
         except OSError as e:
-            staging.abandon()
-            raise TransientStoreError(f"saving {run_id}@{step}: {e}") from e
+            err = classify_os_error(e, self.url, f"saving {run_id}@{step}")
+            if isinstance(err, FatalStoreError):
+                staging.discard()  # no retry will reuse it; give the space back
+            else:
+                staging.abandon()
+            raise err from e
         except Exception:
             staging.discard()
             raise
@@ -362,7 +369,7 @@ class CheckpointStore:
         except FileNotFoundError:
             return default
         except OSError as e:
-            raise TransientStoreError(f"reading {path}: {e}") from e
+            raise classify_os_error(e, self.url, f"reading {path}") from e
         try:
             return json.loads(data)
         except ValueError as e:
@@ -393,12 +400,11 @@ class CheckpointStore:
         """Remove a run with all its checkpoints and documents (``--fresh``)."""
         self._io(lambda: self.backend.remove_tree(validate_run_id(run_id)), run_id)
 
-    @staticmethod
-    def _io(fn: Callable[[], Any], what: str) -> Any:
+    def _io(self, fn: Callable[[], Any], what: str) -> Any:
         try:
             return fn()
         except OSError as e:
-            raise TransientStoreError(f"{what}: {e}") from e
+            raise classify_os_error(e, self.url, what) from e
 
 
 def open_store(url: str = "./runs", **config: Any) -> CheckpointStore:

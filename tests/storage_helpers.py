@@ -7,10 +7,12 @@ small chunks and prints the ref as JSON (numpy only, so the child starts without
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,25 @@ def flip_byte(path: Path, pos: int) -> None:
     i = pos % len(data)
     data[i] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+@contextlib.contextmanager
+def small_tmpfs(folder: Path, size: str = "2m") -> Iterator[Path]:
+    """A real tmpfs of ``size`` mounted on ``folder`` (a disk that fills up); unmounted after.
+
+    Skips the test where mounting is not allowed (not root, no mount namespace).
+    """
+    import pytest
+
+    folder.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
 def assert_same_tensors(got: dict[str, Any], want: dict[str, Any]) -> None:

@@ -133,11 +133,11 @@ def test_io_error_during_save_is_transient_and_commits_nothing(tmp_path: Path, m
     def failing(fd: int, data: memoryview) -> int:
         calls["n"] += 1
         if calls["n"] == 6:
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise OSError(errno.EIO, "Input/output error")
         return real(fd, data)
 
     monkeypatch.setattr(localfs, "_write_all", failing)
-    with pytest.raises(TransientStoreError, match="No space left"):
+    with pytest.raises(TransientStoreError, match="Input/output error"):
         store.save(RUN, 4, state, {})
     assert store.steps(RUN) == []
     monkeypatch.setattr(localfs, "_write_all", real)
