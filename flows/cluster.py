@@ -12,6 +12,11 @@ from pathlib import Path
 import dask
 from distributed import Client, LocalCluster
 
+from flows.versions import check_versions
+
+# A flow started by a Prefect worker (a deployment) never passes through the CLI's check.
+check_versions()
+
 CLUSTER_START_TIMEOUT = timedelta(seconds=120)
 
 DASK_SETTINGS = {

@@ -7,12 +7,18 @@ URL in the environment before anything spawns, then start a single server there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import subprocess
+import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+
+from flows.versions import UnsupportedVersion, check_versions
 
 SERVER_STARTUP_TIMEOUT = timedelta(seconds=120)
 """Start-up takes ~11-20 s here; Prefect's own default (20 s) is too close to that."""
@@ -29,14 +35,22 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def prepare_environment() -> str | None:
+def prepare_environment() -> int | None:
     """Set Prefect's environment for this process and its children; returns a port to serve on.
 
     Must run before `import prefect`. Returns None when PREFECT_API_URL is already set (a real
     server, or a test harness): then nothing is started.
     """
+    try:
+        check_versions()
+    except UnsupportedVersion as err:
+        raise SystemExit(f"error: {err}") from None
     home = rebound_home()
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+    # Prefect creates its home without parents at import and only warns when it cannot
+    # ("Failed to create the Prefect home directory" on a fresh clone): create it first.
+    with contextlib.suppress(OSError):  # unwritable: Prefect's own warning says so
+        Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
                           str(int(SERVER_STARTUP_TIMEOUT.total_seconds())))
@@ -67,31 +81,44 @@ def _die_with_parent() -> None:
         pass
 
 
-def _server_class() -> type:
-    import subprocess
+def _uvicorn_command(port: int) -> list[str]:
+    """The command Prefect 3.9 runs for its own temporary server (SubprocessASGIServer), through
+    public entry points only: uvicorn and the app factory `create_app`."""
     import sys
 
     import prefect
-    from prefect.server.api.server import SubprocessASGIServer
+
+    return [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
+            "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+            "--port", str(port), "--log-level", "error", "--lifespan", "on"]
+
+
+def _server_env() -> dict[str, str]:
     from prefect.settings import get_current_settings
 
-    class ChildASGIServer(SubprocessASGIServer):
-        """Prefect's temporary server, started so that it dies with this process."""
+    # The same environment Prefect gives its temporary server (no UI, ephemeral services).
+    return {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+            **get_current_settings().to_environment_variables(exclude_unset=True)}
 
-        def _run_uvicorn_command(self) -> subprocess.Popen:
-            # Same command as Prefect's own, plus the parent-death signal.
-            return subprocess.Popen(
-                args=[sys.executable, "-m", "uvicorn", "--app-dir",
-                      str(prefect.__module_path__.parent), "--factory",
-                      "prefect.server.api.server:create_app", "--host", "127.0.0.1",
-                      "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
-                env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-                     "PREFECT__SERVER_FINAL": "1",
-                     **get_current_settings().to_environment_variables(exclude_unset=True)},
-                preexec_fn=_die_with_parent,
-            )
 
-    return ChildASGIServer
+def _wait_healthy(process: subprocess.Popen, port: int, timeout: timedelta) -> None:
+    """Return once the API answers /health; RuntimeError (one line) when it never does."""
+    url = f"http://127.0.0.1:{port}/api/health"
+    deadline = time.monotonic() + timeout.total_seconds()
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the Prefect server on port {port} exited with status "
+                               f"{process.returncode} while starting")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)  # polling: the server offers no readiness signal other than /health
+    raise RuntimeError(f"the Prefect server on port {port} did not answer within "
+                       f"{timeout.total_seconds():.0f} s")
 
 
 @contextmanager
@@ -100,9 +127,17 @@ def local_prefect_server(port: int | None) -> Iterator[None]:
     if port is None:
         yield
         return
-    server = _server_class()(port=port)
+    # Our own child process rather than a subclass of Prefect's private SubprocessASGIServer:
+    # the parent-death signal needs preexec_fn, and a private hook can change in any release.
+    process = subprocess.Popen(_uvicorn_command(port), env=_server_env(),
+                               preexec_fn=_die_with_parent)
     try:
-        server.start(timeout=int(SERVER_STARTUP_TIMEOUT.total_seconds()))
+        _wait_healthy(process, port, SERVER_STARTUP_TIMEOUT)
         yield
     finally:
-        server.stop()
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
