@@ -153,7 +153,13 @@ def _run(params: Any, plan: Any, server_port: int | None, started: float, show_p
     from flows.plan import ConfigurationError
     from flows.prefect_env import local_prefect_server, rebound_home
     from flows.progress_view import ProgressView
-    from flows.report import RunTally, build_summary, print_summary, write_summary_json
+    from flows.report import (
+        RunTally,
+        build_summary,
+        print_summary,
+        restamp_wall,
+        write_summary_json,
+    )
     from flows.train import RunFailed, console, train
 
     # Dask logs each worker's start and stop at INFO; the flow reports what matters. The
@@ -195,9 +201,7 @@ def _run(params: Any, plan: Any, server_port: int | None, started: float, show_p
         tally = RunTally(plan.run.run_id, params.store, started)
         summary = build_summary(tally, "failed", reason, time.time() - started)
     else:
-        wall = time.time() - started
-        summary["wall_s"] = round(wall, 3)
-        summary["ettr"] = round(min(1.0, summary["productive_s"] / max(wall, 1e-9)), 4)
+        restamp_wall(summary, time.time() - started)  # the server and cluster start-up count
     print_summary(Console(), summary)
     if params.summary_json:
         write_summary_json(summary, params.summary_json)

@@ -35,39 +35,61 @@ class RunTally:
     """Scheduler remove-worker events: (worker, removed_unix, processing)."""
     hangs: list[dict[str, Any]] = field(default_factory=list)
     """Hung groups the watchdog restarted (worker, detected_unix)."""
-    corrupt_on_resume: list[str] = field(default_factory=list)
+    corrupt_found: list[dict[str, Any]] = field(default_factory=list)
+    """Corrupt checkpoints the flow itself met (resume, evaluation): CorruptCheckpointError
+    fields, `found_unix`, and `fell_back_to` when known."""
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    """Failures that reached the flow as errors (kind, unix, reason): a group failed past its
+    retries, a storage that refuses."""
     throughput: list[tuple[int, float]] = field(default_factory=list)
     """(group's last step, training tokens/s of that group)."""
+    eval_windows: list[tuple[float, float]] = field(default_factory=list)
+    """(start, end) unix of each evaluation the flow waited for, failed ones too."""
+    group_totals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Attempt name -> (train_s, ckpt_s) of every attempt whose result came back."""
+    attempt_totals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Attempt name -> (train_s, ckpt_s) summed from its progress events (all attempts)."""
 
-    def absorb_epoch(self, out: dict[str, Any]) -> None:
-        """Fold one epoch subflow's outcome into the run's tally."""
-        self.checkpoints_committed += out["checkpoints"]
-        self.checkpoint_stall_s += out["stall_s"]
-        self.losses += out["losses"]
-        self.evals += out["evals"]
-        self.infra_failures += out["infra_failures"]
-        self.throughput += out["throughput"]
-        if out["evals"]:
-            self.eval_loss = out["evals"][-1][1]
+    def absorb_group(self, result: dict[str, Any]) -> None:
+        """Fold one batch group's result in as it arrives (an epoch that fails later keeps it)."""
+        self.losses += [tuple(x) for x in result["losses"]]
+        if result["train_s"] > 0:
+            self.throughput.append((result["step"], result["tokens"] / result["train_s"]))
+        if result.get("attempt"):
+            self.group_totals[result["attempt"]] = (result["train_s"], result["ckpt_s"])
+
+    def absorb_eval(self, step: int, loss: float) -> None:
+        self.evals.append((step, loss))
+        self.eval_loss = loss
 
 
-def build_summary(tally: RunTally, status: str, reason: str | None, wall_s: float) -> dict[str, Any]:
+def _final_checkpoint(store: Any, run_id: str) -> Any:
+    """The newest checkpoint that verifies, as its VerifyReport (one full read), or None."""
+    for step in reversed(store.steps(run_id)):
+        report = store.verify(run_id, step)
+        if report.ok:
+            return report
+    return None
+
+
+def build_summary(tally: RunTally, status: str, reason: str | None, wall_s: float,
+                  breakdown: dict[str, float] | None = None) -> dict[str, Any]:
     """The summary JSON of DESIGN.md section 4, from the newest verified checkpoint in the store."""
     store = open_store(tally.store_url)
     final_step, final_ckpt, state_hash, train_loss, productive = 0, "", "", float("nan"), 0.0
     try:
-        latest = store.latest_verified_ref(tally.run_id)
+        latest = _final_checkpoint(store, tally.run_id)
+        if latest is not None:
+            meta = store.read_metadata(tally.run_id, latest.ref.step)
+            final_step = latest.ref.step
+            final_ckpt = store.checkpoint_url(tally.run_id, latest.ref.step)
+            state_hash = latest.state_hash
+            train_loss = float(meta.get("train_loss", float("nan")))
+            productive = max(0.0, float(meta.get("productive_s", 0.0)) - tally.resumed_productive_s)
     except Exception:  # noqa: BLE001 - a summary is still written when the store is the problem
-        latest = None
-    if latest is not None:
-        meta = store.read_metadata(tally.run_id, latest.step)
-        final_step = latest.step
-        final_ckpt = store.checkpoint_url(tally.run_id, latest.step)
-        state_hash = store.state_hash(tally.run_id, latest.step)
-        train_loss = float(meta.get("train_loss", float("nan")))
-        productive = max(0.0, float(meta.get("productive_s", 0.0)) - tally.resumed_productive_s)
+        pass
     wall_s = max(wall_s, 1e-9)
-    return {
+    summary = {
         "run_id": tally.run_id, "status": status, "reason": reason,
         "final_step": final_step, "final_checkpoint": final_ckpt, "state_hash": state_hash,
         "resumed_from_step": tally.resumed_from_step,
@@ -78,6 +100,74 @@ def build_summary(tally: RunTally, status: str, reason: str | None, wall_s: floa
         "checkpoint_stall_s": round(tally.checkpoint_stall_s, 3),
         "failures": tally.failures,
     }
+    if breakdown is not None:
+        summary["wall_breakdown"] = {k: round(v, 3) for k, v in breakdown.items()}
+    return summary
+
+
+def _measure(windows: list[tuple[float, float]]) -> float:
+    """Seconds covered by the union of (start, end) windows."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(windows):
+        start = max(start, reach)
+        if end > start:
+            total += end - start
+            reach = end
+    return total
+
+
+def _minus(windows: list[tuple[float, float]], holes: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out = []
+    for start, end in windows:
+        pieces = [(start, end)]
+        for h0, h1 in holes:
+            pieces = [p for a, b in pieces for p in ((a, min(b, h0)), (max(a, h1), b)) if p[1] > p[0]]
+        out += pieces
+    return out
+
+
+def wall_breakdown(wall: tuple[float, float], first_ready_unix: float | None, train_s: float,
+                   trained_s: float, stall_s: float, eval_windows: list[tuple[float, float]],
+                   recovery_windows: list[tuple[float, float]]) -> dict[str, float]:
+    """Where the wall time went, in parts that add up to it (measured, not modelled).
+
+    Args:
+        wall: (start, end) unix of the run.
+        first_ready_unix: when the first batch group was ready to train (end of start-up).
+        train_s: seconds of training steps that survive into the final model.
+        trained_s: seconds of every training step this invocation ran (lost ones too).
+        stall_s: seconds training waited for checkpoint saves and retention.
+        eval_windows: evaluations the flow waited for.
+        recovery_windows: from each failure to the attempt that took over being ready.
+    Returns:
+        startup_s, train_s, eval_s, checkpoint_stall_s, orchestration_s (the rest: between
+        groups, task submission, results), recovery_s, lost_s.
+    """
+    start, end = wall
+    ready = min(max(first_ready_unix or end, start), end)
+    clip = [(max(a, ready), min(b, end)) for a, b in recovery_windows]
+    evals = [(max(a, ready), min(b, end)) for a, b in eval_windows]
+    parts = {
+        "startup_s": ready - start,
+        "train_s": train_s,
+        "eval_s": _measure(evals),
+        "checkpoint_stall_s": stall_s,
+        "recovery_s": _measure(_minus(clip, evals)),
+        "lost_s": max(0.0, trained_s - train_s),
+    }
+    parts["orchestration_s"] = max(0.0, (end - start) - sum(parts.values()))
+    return parts
+
+
+def restamp_wall(summary: dict[str, Any], wall_s: float) -> None:
+    """Stretch the summary to a longer wall time measured by the caller (the CLI starts the
+    clock before the Prefect server and the cluster): the difference is start-up."""
+    extra = max(0.0, wall_s - summary["wall_s"])
+    summary["wall_s"] = round(wall_s, 3)
+    summary["ettr"] = round(min(1.0, summary["productive_s"] / max(wall_s, 1e-9)), 4)
+    if "wall_breakdown" in summary:
+        summary["wall_breakdown"]["startup_s"] = round(
+            summary["wall_breakdown"]["startup_s"] + extra, 3)
 
 
 def write_summary_json(summary: dict[str, Any], path: str) -> None:
@@ -101,6 +191,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
             continue
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     table.add_row("failures", str(len(summary.get("failures", []))))
+    for key, value in summary.get("wall_breakdown", {}).items():
+        table.add_row(f"  {key}", f"{value:.3f}")
     return table
 
 
@@ -125,8 +217,13 @@ def summary_markdown(summary: dict[str, Any], tally: RunTally) -> str:
     lines = [f"# Rebound run `{summary['run_id']}`: {summary['status']}", "",
              "| field | value |", "|---|---|"]
     for key, value in summary.items():
-        if key != "failures":
+        if key not in ("failures", "wall_breakdown"):
             lines.append(f"| {key} | {value} |")
+    if summary.get("wall_breakdown"):
+        wall = max(summary["wall_s"], 1e-9)
+        lines += ["", "## Where the wall time went", "", "| part | seconds | share |",
+                  "|---|---|---|"]
+        lines += [f"| {k} | {v:.3f} | {v / wall:.1%} |" for k, v in summary["wall_breakdown"].items()]
     lines += ["", "## Failures", ""]
     if summary["failures"]:
         lines += ["| kind | step | worker | detected after s | recovered after s | lost steps |",

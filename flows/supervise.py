@@ -49,7 +49,21 @@ class Watchdog:
 class WorkerLoss:
     worker: str
     removed_unix: float
+    """When the scheduler removed the worker (its clock)."""
     processing: list[str] = field(default_factory=list)
+    noticed_unix: float = 0.0
+    """When this flow heard of the removal: the end of detection."""
+    last_seen_unix: float | None = None
+    """The worker's last progress event before it was removed: it was alive then."""
+
+
+@dataclass
+class AttemptTotals:
+    """Per-step seconds a task attempt reported in its progress events."""
+
+    trained_s: float = 0.0
+    stall_s: float = 0.0
+    steps: int = 0
 
 
 class ClusterWatch:
@@ -66,6 +80,8 @@ class ClusterWatch:
         self.losses: list[WorkerLoss] = []
         self.hangs: list[dict[str, Any]] = []
         self.quarantined: list[dict[str, Any]] = []
+        self.last_seen: dict[str, float] = {}
+        self.attempts: dict[str, AttemptTotals] = {}
         self.client.subscribe_topic(PROGRESS_TOPIC, self._on_progress)
         self.client.subscribe_topic("all", self._on_cluster_event)
 
@@ -75,13 +91,21 @@ class ClusterWatch:
             with self._lock:
                 self.last_progress_unix = time.time()
                 self.last_progress_worker = msg.get("worker")
+                self.last_seen[str(msg.get("worker"))] = self.last_progress_unix
+                if "seconds" in msg and msg.get("attempt"):
+                    totals = self.attempts.setdefault(str(msg["attempt"]), AttemptTotals())
+                    totals.trained_s += float(msg["seconds"])
+                    totals.stall_s += float(msg.get("save_s", 0.0))
+                    totals.steps += 1
 
     def _on_cluster_event(self, event: tuple[float, dict[str, Any]]) -> None:
         stamp, msg = event
         if isinstance(msg, dict) and msg.get("action") == "remove-worker":
+            worker = str(msg.get("worker"))
             with self._lock:
-                self.losses.append(WorkerLoss(str(msg.get("worker")), float(stamp),
-                                              [str(k) for k in msg.get("processing-tasks", [])]))
+                self.losses.append(WorkerLoss(worker, float(stamp),
+                                              [str(k) for k in msg.get("processing-tasks", [])],
+                                              time.time(), self.last_seen.get(worker)))
 
     def touch(self) -> None:
         """Restart the silence clock (a new group was just submitted)."""

@@ -24,10 +24,11 @@ from prefect_dask import DaskTaskRunner  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from flows.cluster import cuda_available, local_cluster  # noqa: E402
-from flows.failures import collect_failures  # noqa: E402
+from flows.failures import collect_failures, committed_steps, run_attempts  # noqa: E402
 from flows.group_submit import submit_supervised  # noqa: E402
 from flows.params import TrainParams  # noqa: E402
 from flows.plan import (  # noqa: E402
+    ConfigurationError,
     Group,
     RunPlan,
     build_plan,
@@ -36,24 +37,31 @@ from flows.plan import (  # noqa: E402
     young_daly_interval,
 )
 from flows.prefect_env import rebound_home  # noqa: E402
-from flows.report import RunTally, build_summary, summary_markdown  # noqa: E402
+from flows.report import RunTally, build_summary, summary_markdown, wall_breakdown  # noqa: E402
 from flows.supervise import ClusterWatch, InfrastructureError  # noqa: E402
-from storage import CheckpointRef, open_store  # noqa: E402
+from storage import (  # noqa: E402
+    CheckpointRef,
+    CorruptCheckpointError,
+    FatalStoreError,
+    StoreError,
+    open_store,
+)
 from tasks.evaluate import evaluate  # noqa: E402
 from tasks.jobs import GroupJob  # noqa: E402
-from tasks.train_batch_group import train_batch_group  # noqa: E402
+from tasks.train_batch_group import quiet_one_line_failures, train_batch_group  # noqa: E402
 
 console = Console(stderr=True)
 
-# The epoch subflow runs in this process; its cluster watcher is looked up here rather than
-# passed as a parameter (Prefect records parameters; a live client is no parameter).
-_WATCHES: dict[str, ClusterWatch] = {}
+# The epoch subflow runs in this process; its cluster watcher and the run's tally are looked
+# up here rather than passed as parameters (Prefect records parameters; a live client is no
+# parameter, and the tally must outlive an epoch attempt that raises).
+_LIVE: dict[str, tuple[ClusterWatch, RunTally]] = {}
 
 
-def _watch_of(run_id: str) -> ClusterWatch:
+def _live(run_id: str) -> tuple[ClusterWatch, RunTally]:
     # A function, not the dict itself, in the flow body: Prefect pickles the flow function by
     # value with the globals it names, and a live client cannot be pickled.
-    return _WATCHES[run_id]
+    return _LIVE[run_id]
 
 
 @contextlib.contextmanager
@@ -87,71 +95,106 @@ def train_epoch(plan: RunPlan, params: TrainParams, groups: list[Group], start_r
     """Train one epoch's batch groups in order and evaluate at its end; retried as a whole.
 
     A retry re-submits every group, and each group whose checkpoint is already committed
-    returns it at once, so an epoch retry only trains what was lost. A lost cluster is not
-    retried here: it comes back as `infra_error` for the run to fail on.
+    returns it at once, so an epoch retry only trains what was lost. What the groups did is
+    folded into the run's tally as each one returns, so a failed attempt's checkpoints,
+    losses and failures stay counted. A lost cluster or a storage that refuses (full disk)
+    is not retried here: it comes back as `infra_error` / `fatal` for the run to fail on.
     """
-    out: dict[str, Any] = {"ref": start_ref, "stopped": None, "infra_error": None,
-                           "checkpoints": 0, "stall_s": 0.0, "losses": [], "evals": [],
-                           "infra_failures": [], "throughput": []}
-    watch = _watch_of(plan.run.run_id)
+    out: dict[str, Any] = {"ref": start_ref, "stopped": None, "infra_error": None, "fatal": None}
+    watch, tally = _live(plan.run.run_id)
     dog = params.watchdog
     last_worker: str | None = None
     protect = tuple(sorted({g.last_step for g in plan.groups if g.epoch_end}))
     task = train_batch_group.with_options(retries=params.retries)
 
     def on_infra(kind: str, reason: str) -> None:
-        out["infra_failures"].append({"unix": time.time(), "kind": kind, "reason": reason})
+        tally.infra_failures.append({"unix": time.time(), "kind": kind, "reason": reason})
         _say(f"{kind}: {reason}; resubmitting", "yellow")
+
+    def run_group(group: Group) -> dict[str, Any]:
+        nonlocal last_worker
+        job = GroupJob(plan.run, group.first_step, group.last_step, plan.ckpt_every,
+                       protect, deadline_unix)
+        result = submit_supervised(
+            lambda job=job: task.submit(job),
+            lambda pinned, w=last_worker: dask.annotate(**_placement(use_gpu, w if pinned else None)),
+            watch, dog, f"steps {group.first_step}-{group.last_step}", params.retries,
+            on_infra)
+        out["ref"], last_worker = result["ref"], result.get("worker")
+        tally.absorb_group(result)
+        for line in result["corrupt"]:
+            _say(f"corrupt checkpoint skipped: {line}", "yellow")
+        if plan.ckpt_auto and result["steps_trained"] and result["checkpoints"]:
+            plan.ckpt_every = young_daly_interval(
+                result["ckpt_s"] / len(result["checkpoints"]), params.mtbf_s,
+                result["train_s"] / result["steps_trained"], plan.group_steps)
+        return result
+
+    def evaluate_epoch_end(group: Group) -> float:
+        """Evaluate the epoch's last checkpoint; a corrupt one is trained again, once, as a
+        group's start would fall back (a retry of the evaluation would read the same bytes)."""
+        for again in (False, True):
+            ref, started = out["ref"], time.time()
+            try:
+                return submit_supervised(
+                    lambda ref=ref: evaluate.submit(plan.run, ref),
+                    lambda pinned, w=last_worker: dask.annotate(**_placement(use_gpu, w if pinned else None)),
+                    watch, dog, f"evaluation at step {group.last_step}", params.retries,
+                    on_infra)
+            except CorruptCheckpointError as err:
+                tally.corrupt_found.append(err.to_dict() | {"found_unix": time.time()})
+                if again:
+                    raise
+                _say(f"corrupt checkpoint at the epoch's end, training it again: {err}", "yellow")
+            finally:
+                tally.eval_windows.append((started, time.time()))
+            run_group(group)
+        raise AssertionError("unreachable")
 
     try:
         for group in groups:
             if deadline_unix is not None and time.time() >= deadline_unix:
                 out["stopped"] = f"time budget {params.time_budget} spent"
                 return out
-            job = GroupJob(plan.run, group.first_step, group.last_step, plan.ckpt_every,
-                           protect, deadline_unix)
-            result = submit_supervised(
-                lambda job=job: task.submit(job),
-                lambda pinned, w=last_worker: dask.annotate(**_placement(use_gpu, w if pinned else None)),
-                watch, dog, f"steps {group.first_step}-{group.last_step}", params.retries,
-                on_infra)
-            out["ref"], last_worker = result["ref"], result.get("worker")
-            out["checkpoints"] += len(result["checkpoints"])
-            out["stall_s"] += result["ckpt_s"]
-            out["losses"] += [tuple(x) for x in result["losses"]]
-            if result["train_s"] > 0:
-                out["throughput"].append((result["step"], result["tokens"] / result["train_s"]))
-            for line in result["corrupt"]:
-                _say(f"corrupt checkpoint skipped: {line}", "yellow")
-            if plan.ckpt_auto and result["steps_trained"] and result["checkpoints"]:
-                plan.ckpt_every = young_daly_interval(
-                    result["ckpt_s"] / len(result["checkpoints"]), params.mtbf_s,
-                    result["train_s"] / result["steps_trained"], plan.group_steps)
+            result = run_group(group)
             if result["stopped_early"]:
                 out["stopped"] = f"time budget {params.time_budget} spent"
                 return out
             if group.epoch_end:
-                ref = out["ref"]
-                eval_loss = submit_supervised(
-                    lambda ref=ref: evaluate.submit(plan.run, ref),
-                    lambda pinned, w=last_worker: dask.annotate(**_placement(use_gpu, w if pinned else None)),
-                    watch, dog, f"evaluation at step {group.last_step}", params.retries,
-                    on_infra)
-                out["evals"].append((group.last_step, eval_loss))
+                eval_loss = evaluate_epoch_end(group)
+                tally.absorb_eval(group.last_step, eval_loss)
                 _say(f"epoch {group.epoch} ends at step {group.last_step}: "
                      f"eval loss {eval_loss:.4f}")
     except InfrastructureError as err:
         out["infra_error"] = str(err)
+    except FatalStoreError as err:
+        # No retry can help (full disk, read-only, no permission): the run fails now.
+        tally.errors.append({"kind": "storage", "unix": time.time(), "reason": str(err)})
+        out["fatal"] = str(err)
+    except Exception as err:
+        # The epoch is retried (Prefect `retries`): the failure is one in the run's timeline.
+        tally.errors.append({"kind": "task-error", "unix": time.time(),
+                             "reason": f"{type(err).__name__}: {_first_line(err)}"})
+        raise
     return out
 
 
+def _first_line(err: BaseException) -> str:
+    return str(err).splitlines()[0] if str(err) else ""
+
+
 def _resume_point(plan: RunPlan, tally: RunTally) -> CheckpointRef | None:
+    """The newest committed checkpoint whose manifest and files check out, without reading
+    its chunks: the task that loads it hashes every byte anyway (and falls back past a
+    corrupt one, reporting it), so resume reads each chunk once."""
     store = open_store(plan.run.store_url)
-    corrupt: list[str] = []
-    ref = store.latest_verified_ref(plan.run.run_id, on_corrupt=lambda err: corrupt.append(str(err)))
-    for line in corrupt:
-        _say(f"corrupt checkpoint skipped: {line}", "yellow")
-    tally.corrupt_on_resume = corrupt
+    corrupt: list[CorruptCheckpointError] = []
+    find = getattr(store, "latest_committed_ref", store.latest_verified_ref)
+    ref = find(plan.run.run_id, on_corrupt=corrupt.append)
+    for err in corrupt:
+        _say(f"corrupt checkpoint skipped: {err}", "yellow")
+        tally.corrupt_found.append(err.to_dict() | {"found_unix": time.time(),
+                                                    "fell_back_to": ref.step if ref else None})
     if ref is not None:
         meta = store.read_metadata(plan.run.run_id, ref.step)
         tally.resumed_from_step = ref.step
@@ -170,22 +213,16 @@ def _prepare_store(plan: RunPlan, params: TrainParams) -> None:
         store.write_json(plan.run.run_id, "run", run_record(plan, params))
 
 
-@flow(name="rebound-train", log_prints=False)
-def train(params: TrainParams) -> dict[str, Any]:
-    """Train a model fault-tolerantly; returns the run summary (DESIGN.md section 4)."""
-    started = time.time()
-    plan = build_plan(params)
-    _prepare_store(plan, params)
-    tally = RunTally(plan.run.run_id, params.store, started)
-    ref = _resume_point(plan, tally)
+def _train_epochs(plan: RunPlan, params: TrainParams, tally: RunTally, started: float,
+                  ref: CheckpointRef | None) -> tuple[str, str | None]:
+    """Run the epochs on the cluster; returns (status, reason)."""
     start_step = ref.step if ref is not None else 0
     use_gpu = params.device == "cuda" or (params.device == "auto" and cuda_available())
     deadline = started + params.time_budget_s if params.time_budget_s else None
-    status, reason = "completed", None
     remaining = [g for g in plan.groups if g.last_step > start_step]
     with _cluster_address(params, use_gpu) as address:
         watch = ClusterWatch(address, plan.run.run_id, params.watchdog.scheduler_timeout)
-        _WATCHES[plan.run.run_id] = watch
+        _LIVE[plan.run.run_id] = (watch, tally)
         runner = DaskTaskRunner(address=address, client_kwargs={
             "timeout": params.watchdog.scheduler_timeout.total_seconds()})
         try:
@@ -196,31 +233,91 @@ def train(params: TrainParams) -> dict[str, Any]:
                         task_runner=runner, flow_run_name=f"{plan.run.run_id} epoch {epoch}",
                     )(plan, params, groups, ref.to_dict() if ref else None, use_gpu, deadline)
                 except Exception as err:
-                    # An epoch that could not even start its task runner: a lost cluster?
                     if watch.scheduler_reachable():
-                        raise
-                    status, reason = "failed", (
-                        f"Dask scheduler {address} unreachable (cluster lost): "
-                        f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-                    break
+                        # Failed past the group's retries and the epoch's retry.
+                        return "failed", f"{type(err).__name__}: {_first_line(err)}"
+                    # An epoch that could not even start its task runner: a lost cluster.
+                    return "failed", (f"Dask scheduler {address} unreachable (cluster lost): "
+                                      f"{type(err).__name__}: {_first_line(err)}")
                 ref = CheckpointRef.from_dict(out["ref"]) if out["ref"] else ref
-                tally.absorb_epoch(out)
-                if out["infra_error"]:
-                    status, reason = "failed", out["infra_error"]
-                    break
+                for key in ("fatal", "infra_error"):
+                    if out[key]:
+                        return "failed", out[key]
                 if out["stopped"]:
-                    status, reason = "stopped", out["stopped"]
-                    break
+                    return "stopped", out["stopped"]
         finally:
-            _WATCHES.pop(plan.run.run_id, None)
+            _LIVE.pop(plan.run.run_id, None)
             tally.worker_losses = [vars(loss) for loss in watch.losses]
             tally.hangs = list(watch.hangs)
+            tally.attempt_totals = {k: (v.trained_s, v.stall_s) for k, v in watch.attempts.items()}
             watch.close()
-    if status == "completed" and plan.stop_at < plan.total_steps:
-        status, reason = "stopped", f"--until {plan.stop_at} reached"
-    store = open_store(params.store)
-    tally.failures = collect_failures(store, plan.run.run_id, started, tally)
-    summary = build_summary(tally, status, reason, time.time() - started)
+    if plan.stop_at < plan.total_steps:
+        return "stopped", f"--until {plan.stop_at} reached"
+    return "completed", None
+
+
+def _tell_the_truth(tally: RunTally, started: float) -> dict[str, float]:
+    """Rebuild from the store what this invocation did (it survives any failure); returns the
+    wall-time breakdown."""
+    store = open_store(tally.store_url)
+    ended = time.time()
+    try:
+        attempts = run_attempts(store, tally.run_id, started)
+    except StoreError:
+        attempts = []
+    if attempts and attempts[0].get("resumed_from_step") is not None and \
+            tally.resumed_from_step is not None and \
+            attempts[0]["resumed_from_step"] < tally.resumed_from_step:
+        # The checkpoint the flow chose did not verify when loaded: the run resumed earlier.
+        tally.resumed_from_step = attempts[0]["resumed_from_step"]
+        tally.resumed_productive_s = float(attempts[0].get("resumed_productive_s", 0.0))
+    tally.checkpoints_committed = len(committed_steps(store, tally.run_id, started, attempts))
+    failures = collect_failures(store, tally.run_id, started, tally, attempts)
+    tally.failures = [f.entry for f in failures]
+    # Per attempt: the task's own totals when its result came back, else its progress events.
+    totals = dict(tally.attempt_totals) | tally.group_totals
+    trained_s = sum(t for t, _ in totals.values())
+    tally.checkpoint_stall_s = sum(c for _, c in totals.values())
+    latest = store.steps(tally.run_id)
+    productive = 0.0
+    for step in reversed(latest):
+        try:
+            meta = store.read_metadata(tally.run_id, step)
+        except StoreError:
+            continue
+        productive = max(0.0, float(meta.get("productive_s", 0.0)) - tally.resumed_productive_s)
+        break
+    recovery = [(f.failed_unix, f.ready_unix or ended) for f in failures
+                if f.entry["kind"] not in ("corrupt-latest",)]
+    first_ready = min((a["ready_unix"] for a in attempts), default=None)
+    return wall_breakdown((started, ended), first_ready, productive, trained_s,
+                          tally.checkpoint_stall_s, tally.eval_windows, recovery)
+
+
+@flow(name="rebound-train", log_prints=False)
+def train(params: TrainParams) -> dict[str, Any]:
+    """Train a model fault-tolerantly; returns the run summary (DESIGN.md section 4).
+
+    Raises:
+        RunFailed: the run failed; it carries the summary, true on this path too.
+    """
+    started = time.time()
+    plan = build_plan(params)
+    tally = RunTally(plan.run.run_id, params.store, started)
+    try:
+        _prepare_store(plan, params)
+        ref = _resume_point(plan, tally)
+        status, reason = _train_epochs(plan, params, tally, started, ref)
+    except ConfigurationError:
+        raise
+    except (FatalStoreError, InfrastructureError) as err:
+        tally.errors.append({"kind": "storage" if isinstance(err, FatalStoreError) else
+                             "cluster-lost", "unix": time.time(), "reason": str(err)})
+        status, reason = "failed", str(err)
+    except Exception as err:  # noqa: BLE001 - every failure still ends with a true summary
+        status, reason = "failed", f"{type(err).__name__}: {_first_line(err)}"
+    breakdown = _tell_the_truth(tally, started)
+    summary = build_summary(tally, status, reason, time.time() - started, breakdown)
     create_markdown_artifact(summary_markdown(summary, tally), key="rebound-summary",
                              description=f"Rebound run {plan.run.run_id}")
     if status == "failed":
@@ -236,6 +333,9 @@ class RunFailed(RuntimeError):
         super().__init__(reason)
         self.summary = summary
 
+
+# The run's own failure is one line, said by the CLI: Prefect logs it without a traceback.
+quiet_one_line_failures(RunFailed, InfrastructureError)
 
 if __name__ == "__main__":
     import sys

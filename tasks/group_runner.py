@@ -47,8 +47,13 @@ def _record_attempt(store: CheckpointStore, job: GroupJob, name: str, doc: dict)
     store.write_json(job.run.run_id, name, doc)
 
 
-def _restore_start(store: CheckpointStore, job: GroupJob, result: GroupResult) -> WarmTrainer:
-    """The trainer at the newest verified checkpoint <= last_step (warm memory when it matches)."""
+def _restore_start(store: CheckpointStore, job: GroupJob, result: GroupResult,
+                   corrupt: list[dict]) -> WarmTrainer:
+    """The trainer at the newest verified checkpoint <= last_step (warm memory when it matches).
+
+    Each corrupt checkpoint passed over is appended to `corrupt` (run, step, array, chunk,
+    reason) for the run's failure timeline; the load that finds it is the only full read.
+    """
     run = job.run
     key = (run.run_id, run.config_hash)
     warm = take_warm(key)
@@ -64,6 +69,7 @@ def _restore_start(store: CheckpointStore, job: GroupJob, result: GroupResult) -
             ckpt = store.load(run.run_id, step)
         except CorruptCheckpointError as err:
             result.corrupt.append(str(err))
+            corrupt.append(err.to_dict() | {"found_unix": time.time()})
             continue
         if ckpt.metadata.get("config_hash") not in (None, run.config_hash):
             raise ValueError(
@@ -144,9 +150,22 @@ def _save(store: CheckpointStore, warm: WarmTrainer, result: GroupResult, run: R
     if stats is not None:
         result.bytes_reused += stats.bytes_reused
     result.ckpt_s += time.perf_counter() - t0
-    result.checkpoints.append(ref.step)
+    if stats is None or stats.outcome == "committed":
+        result.checkpoints.append(ref.step)  # not a step found already committed
     warm.at_ref = ref
     return ref
+
+
+def _save_and_prune(store: CheckpointStore, warm: WarmTrainer, result: GroupResult, job: GroupJob,
+                    extra: dict) -> tuple[CheckpointRef, float]:
+    """Save, then retention; returns the ref and the seconds training stalled for both."""
+    t0 = time.perf_counter()
+    ref = _save(store, warm, result, job.run, extra)
+    t1 = time.perf_counter()
+    # Retention verifies the newest checkpoint (a full read): part of what a checkpoint costs.
+    store.gc(job.run.run_id, keep_last=job.run.keep_last, protect=job.protect_steps)
+    result.ckpt_s += time.perf_counter() - t1
+    return ref, time.perf_counter() - t0
 
 
 def run_group(job: GroupJob) -> GroupResult:
@@ -167,15 +186,21 @@ def run_group(job: GroupJob) -> GroupResult:
                 and _fire(event, store, run.run_id):
             raise health.WorkerUnhealthy(result.worker, f"chaos: fail-probe@{event.step}")
     health.probe(store, run.run_id, result.worker)
-    warm = _restore_start(store, job, result)
+    corrupt: list[dict] = []
+    warm = _restore_start(store, job, result, corrupt)
     attempt_name = f"attempts/{job.last_step:012d}-{uuid.uuid4().hex[:8]}"
+    # The flow rebuilds the run's story from these records (flows/failures.py): they survive
+    # a task that raises or a worker that dies, where the task's result does not.
     attempt = {"first_step": job.first_step, "last_step": job.last_step, "pid": os.getpid(),
                "worker": progress.worker_name(), "started_unix": started_unix,
                "ready_unix": time.time(), "resumed_from_step": result.resumed_from_step,
-               "first_step_unix": None}
+               "warm": result.warm, "resumed_productive_s": warm.productive_s,
+               "first_step_unix": None, "checkpoints": [],
+               "corrupt": [c | {"fell_back_to": result.resumed_from_step} for c in corrupt]}
     _record_attempt(store, job, attempt_name, attempt)
+    result.attempt = attempt_name
     trainer = warm.trainer
-    progress.emit(run.run_id, step=trainer.step, phase="ready")
+    progress.emit(run.run_id, step=trainer.step, phase="ready", attempt=attempt_name)
     productive_s = warm.productive_s
     losses: list[float] = []
     ref = warm.at_ref
@@ -196,17 +221,21 @@ def run_group(job: GroupJob) -> GroupResult:
                 _record_attempt(store, job, attempt_name, attempt)
             at_boundary = trainer.step % job.ckpt_every == 0 or trainer.step == job.last_step
             past_deadline = job.deadline_unix is not None and time.time() >= job.deadline_unix
+            save_s = 0.0
             if at_boundary or past_deadline:
                 _arm_kill_during_save(plan, store, job, trainer.step)
-                ref = _save(store, warm, result, run, {"productive_s": productive_s,
-                                                       "train_loss": step_result.loss})
-                store.gc(run.run_id, keep_last=run.keep_last, protect=job.protect_steps)
+                ref, save_s = _save_and_prune(store, warm, result, job, {
+                    "productive_s": productive_s, "train_loss": step_result.loss})
+                if ref.step in result.checkpoints:
+                    attempt["checkpoints"].append(ref.step)
+                    _record_attempt(store, job, attempt_name, attempt)
                 if _corrupt_after_commit(plan, store, job, ref):
-                    # Bit rot is found by the next load: make sure one happens.
-                    drop_warm()
+                    # Bit rot is found by the next load: make sure one happens (the memory
+                    # itself is fine: it stays this task's to train on).
                     warm.at_ref = None
             progress.emit(run.run_id, step=trainer.step, loss=step_result.loss,
                           tokens=step_result.tokens, seconds=step_result.seconds,
+                          save_s=save_s, attempt=attempt_name,
                           ckpt=ref.step if ref is not None else None)
             if past_deadline:
                 result.stopped_early = True
@@ -217,6 +246,7 @@ def run_group(job: GroupJob) -> GroupResult:
     if ref is None:
         # The group trained nothing new (its start already was its end): commit the start.
         ref = _save(store, warm, result, run, {"productive_s": productive_s})
+        attempt["checkpoints"] += [ref.step] if ref.step in result.checkpoints else []
     warm.productive_s = productive_s
     put_warm(warm)
     attempt.update(ended_unix=time.time(), bytes_reused=result.bytes_reused,

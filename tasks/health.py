@@ -50,12 +50,12 @@ def probe(store: CheckpointStore, run_id: str, worker: str | None) -> None:
         raise WorkerUnhealthy(worker, "torch computes wrong results")
     name = f"health/{os.getpid()}"
     stamp = {"unix": time.time(), "worker": worker}
-    try:
-        store.write_json(run_id, name, stamp)
-        if store.read_json(run_id, name) != stamp:
-            raise WorkerUnhealthy(worker, "the store returned other bytes than written")
-    except OSError as err:
-        raise WorkerUnhealthy(worker, f"the store is unreachable: {err}") from None
+    # A store that refuses the write (full disk, read-only: FatalStoreError) or fails it
+    # transiently is the run's storage failure, not this worker's: it propagates as is, and
+    # quarantining workers one after another could not help.
+    store.write_json(run_id, name, stamp)
+    if store.read_json(run_id, name) != stamp:
+        raise WorkerUnhealthy(worker, "the store returned other bytes than written")
     free = _available_memory_bytes()
     if free is not None and free < MIN_FREE_MEMORY_BYTES:
         raise WorkerUnhealthy(worker, f"only {free // 2**20} MiB of memory available")

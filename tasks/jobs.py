@@ -80,6 +80,8 @@ class GroupResult:
     """One line per checkpoint save retried after a transient I/O error."""
     bytes_reused: int = 0
     """Chunk bytes a save took over from an interrupted earlier save of the same step."""
+    attempt: str | None = None
+    """Name of this attempt's record in the store (`attempts/...`); None when reused."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -8,7 +8,7 @@ continue from memory when its starting checkpoint is the one this worker committ
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from storage import CheckpointRef
 from training.data import Corpus, load_corpus
@@ -16,6 +16,13 @@ from training.loop import Trainer
 
 _lock = threading.Lock()
 _corpora: dict[str | None, Corpus] = {}
+_generation = 0
+"""Bumped by every drop: a trainer handed out before a drop can never be put back."""
+
+
+def current_generation() -> int:
+    with _lock:
+        return _generation
 
 
 @dataclass
@@ -27,6 +34,8 @@ class WarmTrainer:
     """The committed checkpoint whose state equals the trainer's memory; None = unknown."""
     productive_s: float = 0.0
     """Training seconds of every step in this state's lineage (carried in checkpoint metadata)."""
+    generation: int = field(default_factory=current_generation)
+    """The cache generation this trainer was made or taken in; stale after a drop."""
 
 
 _warm: WarmTrainer | None = None
@@ -46,18 +55,28 @@ def take_warm(key: tuple[str, str]) -> WarmTrainer | None:
     global _warm
     with _lock:
         warm, _warm = _warm, None
-    return warm if warm is not None and warm.key == key else None
+    return warm if warm is not None and warm.key == key else None  # generation kept
 
 
-def put_warm(warm: WarmTrainer) -> None:
-    """Keep a trainer whose memory equals the committed checkpoint `warm.at_ref`."""
+def put_warm(warm: WarmTrainer) -> bool:
+    """Keep a trainer whose memory equals the committed checkpoint `warm.at_ref`.
+
+    Refused (False) when the cache was dropped since the trainer was made or taken: a failure
+    dropped it, and a task still holding it (a retried or abandoned one) must not bring back
+    memory that matches no checkpoint.
+    """
     global _warm
     with _lock:
+        if warm.generation != _generation:
+            return False
         _warm = warm
+        return True
 
 
 def drop_warm() -> None:
-    """Forget the warm trainer (after a failure its memory matches no checkpoint)."""
-    global _warm
+    """Forget the warm trainer, also any one handed out (after a failure its memory matches
+    no checkpoint)."""
+    global _warm, _generation
     with _lock:
         _warm = None
+        _generation += 1
