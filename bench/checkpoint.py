@@ -1,11 +1,16 @@
-"""Checkpoint write/read throughput: the store against a raw write, torch.save and safetensors.
+"""Checkpoint write/read throughput: the store against the disk's sequential limit, a raw
+writer, torch.save and safetensors, side by side in one invocation.
 
-    python -m bench.checkpoint --size 1GiB [--rounds 3] [--json] [--dir /tmp] [--chunk-mib 64]
+    python -m bench.checkpoint --size 1GiB [--rounds 3] [--json] [--phases] [--dir /tmp] [--chunk-mib 64]
 
 Rows (``method``), all on the same GPT-shaped fp32 state dict, each fsynced and each file
-dropped from the page cache afterwards (posix_fadvise DONTNEED) so every read is cold:
+dropped from the page cache afterwards (posix_fadvise DONTNEED), store files included, so every
+read is cold the same way:
+  disk_seq_write       the device's sequential limit: the same bytes as one file written in
+                       order, one fsync at the end (what `dd conv=fsync` does).
+  disk_seq_read        a cold sequential read of that file into one buffer.
   raw_write            one file per tensor, each written from the tensor's memory and fsynced
-                       in turn: what a plain single-threaded writer gets (the reference).
+                       in turn: what a plain single-threaded writer gets.
   raw_read             read those files back, one after another, into fresh buffers.
   torch_save           torch.save to a temporary file + fsync + rename (the usual recipe).
   torch_load           torch.load(weights_only=True) of that file.
@@ -14,12 +19,16 @@ dropped from the page cache afterwards (posix_fadvise DONTNEED) so every read is
   store_save           CheckpointStore.save (chunks + hashes + manifest + atomic commit).
   store_save_fsync     the same with per-file fsync instead of one syncfs.
   store_load_verified  CheckpointStore.load with verification of every chunk hash.
-Numbers per row: gbps (state bytes / seconds, median of rounds), seconds (median), vs_raw
-(gbps over raw_write's for writes, over raw_read's for reads) and extra_peak_mib (resident
-memory high-water above the level before the call, sampled every 2 ms; writes only).
-Ratios in --json (throughput ratios, higher is better):
-  store_save_vs_raw_write, store_save_vs_torch_save, store_save_vs_safetensors_save,
-  store_load_verified_vs_raw_read.
+Each round runs the write/read pairs in turn, in the reverse order every other round. Numbers
+per row, medians over --rounds with their min and max beside them in the table (NAME_min and
+NAME_max in --json): gbps (state bytes / seconds), seconds; then vs_disk_seq and vs_raw (gbps over
+disk_seq_write's or raw_write's for writes, over the *_read row's for reads) and extra_peak_mib
+(resident memory high-water above the level before the call, sampled every 2 ms; writes only).
+Ratios in --json (throughput ratios of medians, higher is better for the store):
+  store_save_vs_disk_seq_write, store_save_vs_safetensors_save, store_save_vs_torch_save,
+  store_save_vs_raw_write, store_load_verified_vs_disk_seq_read, store_load_verified_vs_raw_read.
+--json also carries "phases": one more store save timed by phase and counted (files created,
+fsyncs...), as `python -m bench.save_phases` prints it; --phases prints that table too.
 """
 
 from __future__ import annotations
@@ -38,7 +47,8 @@ from collections.abc import Callable
 
 import torch
 
-from bench._table import print_table
+from bench._table import print_table, with_spread
+from bench.save_phases import counts_line, phase_rows, profile_save
 
 _UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
@@ -166,74 +176,134 @@ def safetensors_save(state: dict[str, torch.Tensor], path: str) -> None:
     _fsync_path(path)
 
 
-def _round_steps(state: dict[str, torch.Tensor], work: str, store, store_fsync, r: int) -> list:
-    """(name, call, is_write, clean-up) of one round, in the order they run."""
+def disk_seq_write(state: dict[str, torch.Tensor], path: str) -> None:
+    """All the state's bytes as one file, in order, then one fsync (dd conv=fsync)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for t in state.values():
+            mv = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            off = 0
+            while off < len(mv):
+                off += os.write(fd, mv[off:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def disk_seq_read(path: str, nbytes: int) -> torch.Tensor:
+    """The whole file, read in order into one fresh buffer."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    mv = memoryview(buf.numpy())
+    with open(path, "rb", buffering=0) as f:
+        off = 0
+        while off < nbytes:
+            n = f.readinto(mv[off:])
+            if not n:
+                raise OSError(f"{path}: short read at {off} of {nbytes} bytes")
+            off += n
+    return buf
+
+
+Step = tuple[str, Callable[[], object], bool, Callable[[], None]]
+
+
+def _round_steps(state: dict[str, torch.Tensor], work: str, store, store_fsync, r: int) -> list[Step]:
+    """(name, call, is_write, clean-up) of one round, in the order they run.
+
+    Write/read pairs stay together (a read needs its write); the pairs' order is reversed every
+    other round, so no contender always runs first, or right after the same neighbour.
+    """
     from safetensors.torch import load_file
 
-    raw_dir, pt, st = (os.path.join(work, n) for n in ("raw", "state.pt", "state.safetensors"))
-    steps: list[tuple[str, Callable[[], object], bool, Callable[[], None]]] = [
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    raw_dir, pt, st, seq = (os.path.join(work, n) for n in ("raw", "state.pt", "state.safetensors", "seq.bin"))
+    pairs: list[list[Step]] = [[
+        ("disk_seq_write", lambda: disk_seq_write(state, seq), True, lambda: drop_cache(seq)),
+        ("disk_seq_read", lambda: disk_seq_read(seq, nbytes), False, lambda: os.unlink(seq)),
+    ], [
         ("raw_write", lambda: raw_write(state, raw_dir), True, lambda: drop_cache(raw_dir)),
         ("raw_read", lambda: raw_read(state, raw_dir), False, lambda: shutil.rmtree(raw_dir)),
+    ], [
         ("torch_save", lambda: torch_save(state, pt), True, lambda: drop_cache(pt)),
         ("torch_load", lambda: torch.load(pt, weights_only=True), False, lambda: os.unlink(pt)),
+    ], [
         ("safetensors_save", lambda: safetensors_save(state, st), True, lambda: drop_cache(st)),
         ("safetensors_load", lambda: load_file(st), False, lambda: os.unlink(st)),
+    ], [
         ("store_save", lambda: store.save("bench", r, state, {"step": r}), True,
          lambda: drop_cache(os.path.join(work, "store"))),
         ("store_load_verified", lambda: store.load("bench", r, verify=True), False,
          lambda: store.delete_run("bench")),
+    ], [
         ("store_save_fsync", lambda: store_fsync.save("bench", r, state, {"step": r}), True,
          lambda: store_fsync.delete_run("bench")),
-    ]
-    return steps
+    ]]
+    if r % 2:
+        pairs.reverse()
+    return [step for pair in pairs for step in pair]
 
 
-def run(size: int, rounds: int, base_dir: str, chunk_mib: int) -> dict:
+WRITES = ("disk_seq_write", "raw_write", "torch_save", "safetensors_save", "store_save", "store_save_fsync")
+RATIOS = {  # name: (reference row, store row); throughput of the store over the reference's
+    "store_save_vs_disk_seq_write": ("disk_seq_write", "store_save"),
+    "store_save_vs_safetensors_save": ("safetensors_save", "store_save"),
+    "store_save_vs_torch_save": ("torch_save", "store_save"),
+    "store_save_vs_raw_write": ("raw_write", "store_save"),
+    "store_load_verified_vs_disk_seq_read": ("disk_seq_read", "store_load_verified"),
+    "store_load_verified_vs_raw_read": ("raw_read", "store_load_verified"),
+}
+
+
+def run(size: int, rounds: int, base_dir: str, chunk_mib: int, phases: bool = True) -> dict:
+    """Every contender --rounds times; rows, ratios (DESIGN.md section 7) and the save's phases."""
     from storage import open_store
 
     state = gpt_state(size)
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     work = tempfile.mkdtemp(prefix="bench-ckpt-", dir=base_dir)
     results: dict[str, list[tuple[float, int]]] = {}
+    order: list[list[str]] = []
+    phase_doc = None
     try:
         store = open_store(os.path.join(work, "store"), chunk_bytes=chunk_mib << 20)
         store_fsync = open_store(os.path.join(work, "store_fsync"), chunk_bytes=chunk_mib << 20, durability="fsync")
         for r in range(rounds):
             steps = _round_steps(state, work, store, store_fsync, r)
+            order.append([name for name, *_ in steps])
             for name, fn, is_write, after in steps:
                 results.setdefault(name, []).append(timed(fn, is_write))
                 after()
             print(f"round {r + 1}/{rounds} done", file=sys.stderr)
+        if phases:
+            phase_doc = profile_save(store, "bench-phases", 0, state, work)
+            store.delete_run("bench-phases")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     rows = []
     med = {k: statistics.median(s for s, _ in v) for k, v in results.items()}
     for name, samples in results.items():
-        is_write = "save" in name or name == "raw_write"
-        ref = med["raw_write"] if is_write else med["raw_read"]
-        rows.append(
-            {
-                "method": name,
-                "gbps": round(nbytes / med[name] / 1e9, 3),
-                "seconds": round(med[name], 4),
-                "vs_raw": round(ref / med[name], 3),
-                "extra_peak_mib": round(max(m for _, m in samples) / 2**20, 1) if is_write else None,
-            }
-        )
-    ratios = {
-        "store_save_vs_raw_write": med["raw_write"] / med["store_save"],
-        "store_save_vs_torch_save": med["torch_save"] / med["store_save"],
-        "store_save_vs_safetensors_save": med["safetensors_save"] / med["store_save"],
-        "store_load_verified_vs_raw_read": med["raw_read"] / med["store_load_verified"],
-    }
+        is_write = name in WRITES
+        seconds = [s for s, _ in samples]
+        row: dict = {"method": name}
+        with_spread(row, "gbps", [nbytes / s / 1e9 for s in seconds])
+        with_spread(row, "seconds", seconds, 4)
+        seq, raw = ("disk_seq_write", "raw_write") if is_write else ("disk_seq_read", "raw_read")
+        row["vs_disk_seq"] = round(med[seq] / med[name], 3)
+        row["vs_raw"] = round(med[raw] / med[name], 3)
+        row["extra_peak_mib"] = round(max(m for _, m in samples) / 2**20, 1) if is_write else None
+        rows.append(row)
+    ratios = {k: round(med[ref] / med[mine], 3) for k, (ref, mine) in RATIOS.items()}
     return {
         "size_bytes": nbytes,
         "tensors": len(state),
         "rounds": rounds,
         "chunk_mib": chunk_mib,
         "rows": rows,
-        "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "ratios": ratios,
+        "seconds": {k: [s for s, _ in v] for k, v in results.items()},
+        "order": order,
+        "phases": phase_doc,
     }
 
 
@@ -248,16 +318,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", default=None, help="scratch folder (default: the temp dir); removed afterwards")
     p.add_argument("--chunk-mib", type=int, default=64, help="store chunk size in MiB (default 64)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--phases", action="store_true",
+                   help="also print where the store's save spends its time (always in --json)")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
-    out = run(args.size, args.rounds, args.dir or tempfile.gettempdir(), args.chunk_mib)
+    out = run(args.size, args.rounds, args.dir or tempfile.gettempdir(), args.chunk_mib,
+              phases=args.json or args.phases)
     if args.json:
         print(json.dumps(out))
     else:
         title = (f"{out['size_bytes'] / 2**30:.2f} GiB, {out['tensors']} fp32 tensors, "
-                 f"median of {out['rounds']}, store chunks {out['chunk_mib']} MiB")
+                 f"median (min-max) of {out['rounds']} rounds, store chunks {out['chunk_mib']} MiB")
         print_table(title, out["rows"], out["ratios"])
+        if out["phases"] is not None:
+            print_table("store_save by phase (one more save)", phase_rows(out["phases"]), {})
+            print(counts_line(out["phases"]))
     return 0
 
 
