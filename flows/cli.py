@@ -37,17 +37,23 @@ OPTION_HELP = {
     "group_steps": "optimizer steps per batch-group task (default 50)",
     "ckpt_every": "checkpoint interval in steps, or auto = Young/Daly from measured cost and "
                   "--mtbf (default: at each group's end)",
-    "mtbf": "mean time between failures assumed by --ckpt-every auto (default 1h)",
+    "mtbf": "mean time between failures assumed by --ckpt-every auto (default 1h; refused "
+            "without it)",
     "keep": "retention: keep the newest K checkpoints plus epoch ends (default 3)",
-    "workers": "Dask workers that train (local cluster; default 1)",
-    "spares": "spare Dask workers that absorb lost ones (default 1)",
-    "standby": "hot: spares start with the cluster, warm; cold: no spare processes (a lost "
-               "worker is restarted by its nanny, paying its start-up)",
-    "cluster": "address of an existing Dask scheduler, e.g. tcp://127.0.0.1:8786",
+    "workers": "data-parallel ranks training one model together: only 1 until data "
+               "parallelism is built (more is refused)",
+    "spares": "spare Dask workers that absorb lost ones (default 1); with --cluster, the "
+              "scheduler must have 1 + K workers (waits up to --cluster-timeout, else exit 2)",
+    "standby": "hot (default): spares start with the cluster, warm; cold: no spare processes "
+               "(a lost worker is restarted by its nanny, paying its start-up). Local cluster "
+               "only: refused with --cluster, and cold refuses --spares",
+    "cluster": "address of an existing Dask scheduler, e.g. tcp://127.0.0.1:8786; its workers "
+               "train and stand by (nothing is started)",
     "device": "auto (CUDA when present, else CPU), cpu or cuda",
     "threads": "torch threads per worker (default: cores / workers)",
-    "replicas": "run each batch group on this many workers (default 1)",
-    "replica_policy": "first: the first replica to finish wins; vote: majority of state hashes",
+    "replicas": "replica groups: only 1 until replication is built (more is refused)",
+    "replica_policy": "first|vote: which replica wins; needs two replicas or more, so refused "
+                      "until replication is built",
     "retries": "retries of a failed batch group before its epoch fails (default 2)",
     "hang_timeout": "a batch group that reports no progress for DUR is hung: its worker is "
                     "restarted and the group rerun (default 5m)",
@@ -91,17 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch-steps", type=int, metavar="N", help=h["epoch_steps"])
     p.add_argument("--group-steps", type=int, metavar="G", help=h["group_steps"])
     p.add_argument("--ckpt-every", type=_int_or_auto, metavar="N|auto", help=h["ckpt_every"])
-    p.add_argument("--mtbf", default="1h", metavar="DUR", help=h["mtbf"])
+    p.add_argument("--mtbf", metavar="DUR", help=h["mtbf"])
     p.add_argument("--keep", type=int, default=3, metavar="K", help=h["keep"])
-    p.add_argument("--workers", type=int, default=1, metavar="W", help=h["workers"])
-    p.add_argument("--spares", type=int, default=1, metavar="K", help=h["spares"])
-    p.add_argument("--standby", choices=("hot", "cold"), default="hot", help=h["standby"])
+    p.add_argument("--workers", type=int, metavar="W", help=h["workers"])
+    p.add_argument("--spares", type=int, metavar="K", help=h["spares"])
+    p.add_argument("--standby", choices=("hot", "cold"), help=h["standby"])
     p.add_argument("--cluster", metavar="ADDRESS", help=h["cluster"])
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help=h["device"])
     p.add_argument("--threads", type=int, help=h["threads"])
-    p.add_argument("--replicas", type=int, default=1, metavar="R", help=h["replicas"])
-    p.add_argument("--replica-policy", choices=("first", "vote"), default="first",
-                   help=h["replica_policy"])
+    p.add_argument("--replicas", type=int, metavar="R", help=h["replicas"])
+    p.add_argument("--replica-policy", choices=("first", "vote"), help=h["replica_policy"])
     p.add_argument("--retries", type=int, default=2, help=h["retries"])
     p.add_argument("--hang-timeout", default="5m", metavar="DUR", help=h["hang_timeout"])
     p.add_argument("--cluster-timeout", default="30s", metavar="DUR", help=h["cluster_timeout"])
@@ -125,7 +130,9 @@ def parse_params(argv: list[str] | None) -> tuple[Any, argparse.Namespace]:
     from flows.params import TrainParams
 
     args = build_parser().parse_args(argv)
-    fields = {k: v for k, v in vars(args).items() if k != "no_progress"}
+    # Flags not given stay out, so the parameters know which were asked for (model_fields_set):
+    # a flag that does nothing in the chosen setup is refused rather than silently ignored.
+    fields = {k: v for k, v in vars(args).items() if k != "no_progress" and v is not None}
     try:
         return TrainParams(**fields), args
     except ValidationError as err:
@@ -145,6 +152,17 @@ def main(argv: list[str] | None = None, server_port: int | None = None) -> int:
     except ConfigurationError as err:
         sys.stderr.write(f"error: {err}\n")
         return EXIT_USAGE
+    if params.cluster_workers_needed is not None:
+        from flows.cluster import count_workers
+
+        need = params.cluster_workers_needed
+        have = count_workers(params.cluster, need, params.watchdog.scheduler_timeout)
+        if have is not None and have < need:
+            sys.stderr.write(
+                f"error: --cluster {params.cluster} has {have} worker(s) after "
+                f"{params.cluster_timeout}; --workers {params.workers} --spares "
+                f"{params.spares} needs {need}\n")
+            return EXIT_USAGE
     return _run(params, plan, server_port, started, show_progress=not args.no_progress)
 
 

@@ -83,3 +83,18 @@ def local_cluster(n_workers: int, local_directory: Path, use_gpu: bool) -> Itera
 def worker_pids(client: Client) -> dict[str, int]:
     """Worker address -> PID of its worker process (the nanny's child)."""
     return dict(client.run(os.getpid))
+
+
+def count_workers(address: str, wanted: int, timeout: timedelta) -> int | None:
+    """Workers the scheduler at address has, waiting up to timeout for `wanted` of them;
+    None when the scheduler cannot be reached (the run itself then reports the lost cluster)."""
+    try:
+        client = Client(address, timeout=timeout.total_seconds(), set_as_default=False)
+    except (OSError, TimeoutError):
+        return None
+    with client:
+        try:
+            client.wait_for_workers(wanted, timeout=timeout.total_seconds())
+        except TimeoutError:
+            pass
+        return len(client.scheduler_info(n_workers=-1)["workers"])

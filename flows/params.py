@@ -43,14 +43,14 @@ class TrainParams(BaseModel):
     ckpt_every: int | Literal["auto"] | None = Field(None, description="Checkpoint interval in steps, or auto (Young/Daly).")
     mtbf: str = Field("1h", description="Mean time between failures assumed by --ckpt-every auto.")
     keep: int = Field(3, ge=1, description="Keep the newest K checkpoints (plus epoch ends).")
-    workers: int = Field(1, ge=1, le=64, description="Dask workers training (LocalCluster).")
-    spares: int = Field(1, ge=0, le=64, description="Spare Dask workers that absorb lost ones.")
-    standby: Literal["hot", "cold"] = Field("hot", description="hot: spares start warm; cold: no spares, lost workers are restarted.")
+    workers: int = Field(1, ge=1, le=1, description="Data-parallel ranks training one model together: only 1 until data parallelism is built.")
+    spares: int = Field(1, ge=0, le=64, description="Spare Dask workers that absorb lost ones (on --cluster: checked to be there).")
+    standby: Literal["hot", "cold"] = Field("hot", description="hot: spares start warm; cold: no spares, lost workers are restarted (local cluster only).")
     cluster: str | None = Field(None, description="Address of an existing Dask scheduler (tcp://host:port).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
     threads: int | None = Field(None, ge=1, le=256, description="Torch threads per worker (default: cores / workers).")
-    replicas: int = Field(1, ge=1, le=8, description="Run each batch group on this many workers.")
-    replica_policy: Literal["first", "vote"] = Field("first", description="Which replica's result wins.")
+    replicas: int = Field(1, ge=1, le=1, description="Replica groups: only 1 until replication is built.")
+    replica_policy: Literal["first", "vote"] = Field("first", description="Which replica's result wins (needs --replicas >= 2: not built yet).")
     retries: int = Field(2, ge=0, le=20, description="Retries of a failed batch group.")
     hang_timeout: str = Field("5m", description="A batch group silent this long is hung: its worker is restarted.")
     cluster_timeout: str = Field("30s", description="Scheduler unreachable this long: the run fails (exit 1).")
@@ -87,16 +87,49 @@ class TrainParams(BaseModel):
             raise ValueError("--ckpt-every must be >= 1 or auto")
         return value
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _one_rank(cls, value: object) -> object:
+        if isinstance(value, int) and value > 1:
+            raise ValueError("--workers > 1 is not available yet: data parallelism (ranks training "
+                             "one model together) is not built; --spares adds standby workers")
+        return value
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _one_replica(cls, value: object) -> object:
+        if isinstance(value, int) and value > 1:
+            # Said plainly rather than silently training one replica.
+            raise ValueError("--replicas > 1 is not available yet: replication is not built")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> TrainParams:
-        if self.replicas > 1:
-            # Said plainly rather than silently training one replica.
-            raise ValueError("--replicas > 1 is not available yet: replication is being built")
+        given = self.model_fields_set
+        if "replica_policy" in given:
+            raise ValueError("--replica-policy needs --replicas >= 2, which is not available yet: "
+                             "replication is not built")
         if self.chaos and "perturb-replica" in self.chaos:
             raise ValueError("--chaos perturb-replica needs --replicas >= 2 (not available yet)")
+        if "mtbf" in given and self.ckpt_every != "auto":
+            raise ValueError("--mtbf is only used by --ckpt-every auto")
+        if self.standby == "cold" and "spares" in given and self.spares > 0:
+            raise ValueError(f"--spares {self.spares} with --standby cold: cold standby starts no "
+                             "spare workers (a lost worker is restarted instead)")
+        if self.cluster and self.standby == "cold" and "standby" in given:
+            raise ValueError("--standby cold applies to the local cluster: on --cluster the "
+                             "scheduler's own workers are the spares")
         if self.until is not None and self.steps is not None and self.until > self.steps:
             raise ValueError(f"--until {self.until} is past --steps {self.steps}")
         return self
+
+    @property
+    def cluster_workers_needed(self) -> int | None:
+        """On --cluster with --workers/--spares given: how many workers the scheduler must have."""
+        given = self.model_fields_set
+        if self.cluster and {"workers", "spares"} & given:
+            return self.workers + (self.spares if "spares" in given else 0)
+        return None
 
     @property
     def resolved_run_id(self) -> str:

@@ -22,7 +22,7 @@ def cli_args(store: Path, corpus: Path, run_id: str, *extra: str) -> list[str]:
     """The flags of the tests' run; extra flags come last (argparse: the last one wins)."""
     return ["--model", "tiny", "--steps", str(STEPS), "--group-steps", str(GROUP),
             "--ckpt-every", str(CKPT), "--store", str(store), "--data", str(corpus),
-            "--run-id", run_id, "--workers", "1", "--spares", "1", "--threads", "1",
+            "--run-id", run_id, "--threads", "1",  # default: 1 worker + 1 spare
             "--keep", "20", *extra]
 
 
