@@ -8,6 +8,7 @@ root and use '/'.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 # Bytes per hash+write step: small enough that a block hashed is still in cache when written.
@@ -153,7 +154,15 @@ class Backend(Protocol):
     atomic_commit: bool
 
     def list_dir(self, path: str) -> list[str]: ...
-    def exists(self, path: str) -> bool: ...
+    def exists(self, path: str) -> bool:
+        """False only when the path is absent; any other failure raises (OSError)."""
+        ...
+    def step_lock(
+        self, path: str, give_up: Callable[[], bool] | None = None
+    ) -> AbstractContextManager[bool]:
+        """Be the only writer committing or removing ``path`` inside the ``with`` (True), or
+        False when ``give_up()`` turned true while waiting."""
+        ...
     def size(self, path: str) -> int | None: ...
     def read_bytes(self, path: str) -> bytes: ...
     def read_chunk(

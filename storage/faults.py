@@ -2,9 +2,11 @@
 
 Set ``REBOUND_STORAGE_FAULT`` in a writer's environment:
 ``chunks:N`` kills it right after its N-th chunk file is written, ``before-manifest``,
-``before-rename`` (marker written, not yet published) or ``after-rename`` (published, parent
-folder not yet fsynced). ``barrier:before-rename:DIR:N`` does not kill: it makes N writers meet
-at that point (each drops a file in DIR and waits for N files) so a race test really races.
+``before-commit`` (staging complete, commit not begun), ``before-rename`` (marker written, not
+yet published) or ``after-rename`` (published, parent folder not yet fsynced);
+``existing-no-marker`` is where a save has just found no commit marker for its step.
+``barrier:POINT:DIR:N`` does not kill: it makes N writers meet at POINT (each drops a file in
+DIR and waits for N files) so a race test really races; writers may meet at different points.
 Unset, every point is a dictionary lookup and nothing else.
 """
 

@@ -2,24 +2,32 @@
 
 Object stores have no rename, so a writer stages under ``<run>/ckpt/.staging-<step>-<uuid>/``,
 then copies every file to ``<run>/ckpt/<step>/`` and writes the COMMITTED marker **last**;
-readers only trust steps that have a marker. Without a conditional put, "exactly one winner" rests
-on checking that no marker exists before copying and re-reading the marker after writing it:
-two writers racing inside that window can interleave files, but the marker then names one
-manifest and any chunk that is not that manifest's fails verification, so a reader sees a
-corrupt checkpoint (and falls back), never a silent mixture.
+readers only trust steps that have a marker.
+
+Plain fsspec offers no atomic create-if-absent (no conditional put), so "exactly one commit
+wins" cannot rest on one object. A writer first takes a claim on the step (``storage.claims``:
+its own uniquely named claim object, then a listing that must show no other live claim), and
+only the claim holder checks that no marker exists, copies into the step folder and writes the
+marker; the claim goes after the marker. A loser therefore never writes a file of the winner's
+step. This needs read-after-write and list-after-write consistency (local files, ``memory://``,
+S3); on a store without it, concurrent writers of one step are not safe. A read error is an
+error here, never "absent": ``exists`` lets everything but FileNotFoundError through.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from datetime import timedelta
 
 import fsspec
 
 from storage.backend import ChunkSizeError, Hasher, read_blocks, write_blocks
+from storage.claims import Claims
 
 _STARTED = ".started"
 
@@ -53,16 +61,17 @@ class FsspecStaging:
         pass  # a completed put is durable on an object store
 
     def commit(self, final: str, marker_name: str, marker: bytes) -> bool:
-        fs, p = self._b.fs, self._b.p
-        marker_path = p(f"{final}/{marker_name}")
-        if fs.exists(marker_path):
-            return False
-        for rel in self._files:
-            fs.copy(p(f"{self.path}/{rel}"), p(f"{final}/{rel}"))
-        if fs.exists(marker_path):  # someone committed while we copied
-            return False
-        fs.pipe_file(marker_path, marker)
-        won = fs.cat_file(marker_path) == marker
+        b = self._b
+        marker_path = f"{final}/{marker_name}"
+        with b.step_lock(final, give_up=lambda: b.exists(marker_path)) as held:
+            if not held or b.exists(marker_path):
+                return False  # another writer committed this step: its files stay untouched
+            if b.exists(final):
+                b.remove_tree(final)  # a dead claimer's partial copy: nobody else writes here now
+            for rel in self._files:
+                b.fs.copy(b.p(f"{self.path}/{rel}"), b.p(f"{final}/{rel}"))
+            b.fs.pipe_file(b.p(marker_path), marker)
+            won = b.read_bytes(marker_path) == marker  # a store that broke the claim's promise
         self.discard()
         return won
 
@@ -86,6 +95,7 @@ class FsspecBackend:
         self.fs, root = fsspec.core.url_to_fs(url)
         self.root = root.rstrip("/")
         self._stale_s = stale_after.total_seconds()
+        self._claims = Claims(self, stale_after)
 
     def durability(self) -> str:
         return "object-store"
@@ -102,7 +112,23 @@ class FsspecBackend:
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != base)
 
     def exists(self, path: str) -> bool:
-        return bool(self.fs.exists(self.p(path)))
+        # Not fs.exists(): it answers False for *any* exception, so a timeout reading a marker
+        # would make a committed step look absent.
+        try:
+            self.fs.info(self.p(path))
+        except FileNotFoundError:
+            return False
+        except OSError:
+            raise
+        except Exception as e:  # e.g. a client library's own timeout class
+            raise OSError(errno.EIO, f"{type(e).__name__}: {e}") from e
+        return True
+
+    def step_lock(
+        self, path: str, give_up: Callable[[], bool] | None = None
+    ) -> AbstractContextManager[bool]:
+        """Hold the only live claim on ``path`` (see the module doc); False if ``give_up()``."""
+        return self._claims.hold(path, give_up)
 
     def size(self, path: str) -> int | None:
         try:
@@ -130,11 +156,12 @@ class FsspecBackend:
         self.fs.pipe_file(self.p(path), bytes(data))  # a single put is atomic on object stores
 
     def create_exclusive(self, path: str, data: bytes) -> bool:
-        # No conditional put in plain fsspec: check then put (a race can let two callers win).
-        if self.fs.exists(self.p(path)):
-            return False
-        self.fs.pipe_file(self.p(path), bytes(data))
-        return True
+        # No conditional put in plain fsspec: check then put, under a claim on the path.
+        with self.step_lock(path, give_up=lambda: self.exists(path)) as held:
+            if not held or self.exists(path):
+                return False
+            self.fs.pipe_file(self.p(path), bytes(data))
+            return True
 
     def remove_tree(self, path: str) -> None:
         try:

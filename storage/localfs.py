@@ -8,6 +8,12 @@ writer already renamed a non-empty folder there (that writer won); then the pare
 
 A live writer holds ``flock`` on its staging folder, so a folder whose lock is free belongs to a
 dead writer: its chunks may be reused by a retry and the folder may be removed.
+
+The rename, and any removal of a step folder by a writer, happen under ``flock`` on the ckpt
+folder itself (``step_lock``): a writer that finds a step folder without a marker, or a corrupt
+one, removes it only if it is still that folder once the lock is held, never another writer's
+fresh commit. New folders' parents are fsynced up to the store root, so the first checkpoint of a
+run survives a power loss too.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
 
 from storage.backend import ChunkSizeError, Hasher, read_blocks, write_blocks
@@ -78,9 +85,13 @@ def _write_all(fd: int, data: memoryview) -> int:
 class LocalStaging:
     """A staging folder owned (flock) by this writer."""
 
-    def __init__(self, path: str, durability: str, resolve: Callable[[str], str]) -> None:
+    def __init__(
+        self, path: str, durability: str, resolve: Callable[[str], str],
+        lock: Callable[[str], AbstractContextManager[bool]],
+    ) -> None:
         self.path = path
         self._resolve = resolve  # store-relative path -> absolute path
+        self._lock_step = lock
         self._durability = durability
         os.makedirs(path)
         self._dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -145,6 +156,7 @@ class LocalStaging:
     def commit(self, final: str, marker_name: str, marker: bytes) -> bool:
         from storage import faults
 
+        lock = self._lock_step(final)
         final = self._resolve(final)
         fd = os.open(os.path.join(self.path, marker_name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -156,12 +168,13 @@ class LocalStaging:
         if self._durability != "none":
             os.fsync(self._dir_fd)
         faults.point("before-rename")
-        try:
-            os.rename(self.path, final)
-        except OSError as e:
-            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                return False  # another writer's rename came first: it won
-            raise
+        with lock:
+            try:
+                os.rename(self.path, final)
+            except OSError as e:
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    return False  # another writer's rename came first: it won
+                raise
         self.path = final
         faults.point("after-rename")
         if self._durability != "none":
@@ -210,7 +223,13 @@ class LocalBackend:
             return []
 
     def exists(self, path: str) -> bool:
-        return os.path.exists(self._p(path))
+        # Not os.path.exists(): it answers False for any OSError (EIO, EACCES, ...), and a read
+        # error must never make a committed step look absent.
+        try:
+            os.stat(self._p(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return True
 
     def size(self, path: str) -> int | None:
         try:
@@ -237,7 +256,7 @@ class LocalBackend:
 
     def write_atomic(self, path: str, data: bytes) -> None:
         full = self._p(path)
-        os.makedirs(os.path.dirname(full), exist_ok=True)
+        self._makedirs(os.path.dirname(full))
         tmp = self._write_tmp(full, data)
         os.replace(tmp, full)
         if self._durability != "none":
@@ -245,7 +264,7 @@ class LocalBackend:
 
     def create_exclusive(self, path: str, data: bytes) -> bool:
         full = self._p(path)
-        os.makedirs(os.path.dirname(full), exist_ok=True)
+        self._makedirs(os.path.dirname(full))
         tmp = self._write_tmp(full, data)
         try:
             os.link(tmp, full)  # atomic, fails if it exists, and the content is complete
@@ -278,10 +297,60 @@ class LocalBackend:
             return
         shutil.rmtree(trash, ignore_errors=True)
 
+    @contextmanager
+    def step_lock(
+        self, path: str, give_up: Callable[[], bool] | None = None,
+        timeout: timedelta = timedelta(seconds=60),
+    ) -> Iterator[bool]:
+        """Hold ``flock`` on the folder holding ``path``: commits (renames) and removals of step
+        folders there wait for each other. Yields False if ``give_up()`` turns true first.
+
+        Raises:
+            TimeoutError: the lock stayed taken for longer than ``timeout``.
+        """
+        parent = os.path.dirname(self._p(path))
+        self._makedirs(parent)
+        fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            deadline = time.monotonic() + timeout.total_seconds()
+            delay_s = 0.0005
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    pass
+                if give_up is not None and give_up():
+                    yield False
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{parent} stays locked by another writer")
+                time.sleep(delay_s)
+                delay_s = min(delay_s * 2, 0.05)
+            yield True
+        finally:
+            os.close(fd)  # also drops the lock
+
+    def _makedirs(self, path: str) -> None:
+        """os.makedirs; unless durability is "none", each folder it creates is made durable in its parent."""
+        if os.path.isdir(path):
+            return
+        missing = []
+        d = path
+        while not os.path.isdir(d):
+            missing.append(d)
+            d = os.path.dirname(d)
+        os.makedirs(path, exist_ok=True)
+        if self._durability != "none":
+            # A new folder's entry lives in its parent: without this a power loss can drop the
+            # run (and with it the first checkpoint) although every file inside was fsynced.
+            for d in reversed(missing):
+                _fsync_dir(os.path.dirname(d))
+
     def begin_staging(self, parent: str, prefix: str) -> LocalStaging:
         path = os.path.join(self._p(parent), f"{prefix}{uuid.uuid4().hex}")
-        os.makedirs(self._p(parent), exist_ok=True)
-        return LocalStaging(path, self._durability, self._p)
+        self._makedirs(self._p(parent))
+        return LocalStaging(path, self._durability, self._p, self.step_lock)
 
     def stale_stagings(self, parent: str, prefix: str) -> list[str]:
         """Staging folders under ``parent`` whose writer is gone (lock free, older than grace)."""

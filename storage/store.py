@@ -10,6 +10,7 @@ Layout of a store::
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import time
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from storage import faults
 from storage.backend import Backend
 from storage.errors import (
     CheckpointNotFoundError,
@@ -102,12 +104,12 @@ class CheckpointStore:
     def runs(self) -> list[str]:
         """Run ids in the store, sorted."""
         out = []
-        for name in self.backend.list_dir(""):
+        for name in self._io(lambda: self.backend.list_dir(""), "listing runs"):
             try:
                 validate_run_id(name)
             except ValueError:
                 continue
-            children = self.backend.list_dir(name)
+            children = self._io(lambda n=name: self.backend.list_dir(n), f"listing {name}")
             if "ckpt" in children or "docs" in children:
                 out.append(name)
         return out
@@ -115,12 +117,21 @@ class CheckpointStore:
     def step_folders(self, run_id: str) -> list[int]:
         """Steps that have a folder, committed or not (a lost marker is damage to report)."""
         ckpt = self._ckpt_dir(run_id)
-        return sorted(s for s in map(parse_step_dirname, self.backend.list_dir(ckpt)) if s is not None)
+        names = self._io(lambda: self.backend.list_dir(ckpt), f"listing {ckpt}")
+        return sorted(s for s in map(parse_step_dirname, names) if s is not None)
 
     def steps(self, run_id: str) -> list[int]:
-        """Committed steps of a run (those with a commit marker), ascending."""
+        """Committed steps of a run (those with a commit marker), ascending.
+
+        Raises:
+            TransientStoreError/FatalStoreError: a marker could not be read: a step is never
+                dropped from the list because reading it failed.
+        """
         ckpt = self._ckpt_dir(run_id)
-        return [s for s in self.step_folders(run_id) if self.backend.exists(f"{ckpt}/{step_dirname(s)}/{MARKER}")]
+        return [
+            s for s in self.step_folders(run_id)
+            if self._io(lambda s=s: self.backend.exists(f"{ckpt}/{step_dirname(s)}/{MARKER}"), f"{ckpt}/{s}")
+        ]
 
     # ---- save --------------------------------------------------------------------------
     def save(self, run_id: str, step: int, tensors: Mapping[str, Any], metadata: dict) -> CheckpointRef:
@@ -157,6 +168,7 @@ class CheckpointStore:
                 self.backend, staging, run_id, step, ckpt_dir, step_name, tensors, metadata,
                 self.config.chunk_bytes, stats, self.config.io_threads,
             )
+            faults.point("before-commit")
             won = staging.commit(final, MARKER, staged.marker)
         except OSError as e:
             err = classify_os_error(e, self.url, f"saving {run_id}@{step}")
@@ -181,20 +193,47 @@ class CheckpointStore:
         return report.ref
 
     def _existing(self, run_id: str, step: int, final: str) -> CheckpointRef | None:
-        if not self.backend.exists(f"{final}/{MARKER}"):
-            if self.backend.atomic_commit and self.backend.exists(final):
+        """The ref of ``step`` when it is committed and verifies; None when there is room to
+        commit it (a markerless local folder or a corrupt commit was removed).
+
+        Removals happen under the step lock and only if the step is still what we looked at:
+        never another writer's fresh commit (it may land between any two of our reads).
+        """
+        b = self.backend
+        for _ in range(3):
+            marker = self._read_marker(final)
+            if marker is None:
+                faults.point("existing-no-marker")
+                if not (b.atomic_commit and b.exists(final)):
+                    return None
                 # Commits are renames of complete folders, so a step folder without its marker
                 # is damage; it would also block our rename.
-                log.warning("step %s of run %s has no commit marker; replacing it", step, run_id)
-                self._delete_step(run_id, step)
+                with b.step_lock(final):
+                    if self._read_marker(final) is None and b.exists(final):
+                        log.warning("step %s of run %s has no commit marker; replacing it", step, run_id)
+                        b.remove_tree(final)
+                        return None
+                continue  # a commit landed meanwhile: look at it
+            try:
+                report = self.verify(run_id, step)
+            except CheckpointNotFoundError:
+                continue  # removed meanwhile
+            if report.ok:
+                return report.ref
+            with b.step_lock(final):
+                if self._read_marker(final) == marker:
+                    log.warning("step %s of run %s is committed but corrupt (%s); rewriting it",
+                                step, run_id, report.problems[0])
+                    self._delete_step(run_id, step)
+                    return None
+        raise OSError(errno.EBUSY, f"{final} keeps changing while this writer looks at it")
+
+    def _read_marker(self, final: str) -> bytes | None:
+        """The commit marker's bytes; None only when it is absent (read errors raise)."""
+        try:
+            return self.backend.read_bytes(f"{final}/{MARKER}")
+        except FileNotFoundError:
             return None
-        report = self.verify(run_id, step)
-        if report.ok:
-            return report.ref
-        log.warning("step %s of run %s is committed but corrupt (%s); rewriting it",
-                    step, run_id, report.problems[0])
-        self._delete_step(run_id, step)
-        return None
 
     # ---- load / verify -----------------------------------------------------------------
     def read_manifest(self, run_id: str, step: int) -> tuple[Manifest, CheckpointRef]:

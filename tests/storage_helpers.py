@@ -2,7 +2,10 @@
 
 Run as a script it is a writer process for the crash and race tests:
 ``python tests/storage_helpers.py save STORE RUN STEP SEED`` saves ``numpy_state(SEED)`` with
-small chunks and prints the ref as JSON (numpy only, so the child starts without torch).
+small chunks and prints the ref as JSON (numpy only, so the child starts without torch);
+``... race STORE RUN ROUNDS SEED BARRIER_DIR N`` saves ``numpy_state(SEED)`` as steps
+0..ROUNDS-1, meeting N-1 other writers before each commit (a barrier in BARRIER_DIR/<step>), and
+prints one JSON line per step.
 """
 
 from __future__ import annotations
@@ -131,7 +134,24 @@ def _main(argv: list[str]) -> int:
         stats = s.last_save_stats
         print(json.dumps({"ref": ref.to_dict(), "outcome": stats.outcome if stats else None}))
         return 0
+    if argv[0] == "race":
+        sys.path.insert(0, str(ROOT))
+        from storage import open_store
+
+        store, run, rounds, seed, barrier, n = argv[1], argv[2], int(argv[3]), int(argv[4]), argv[5], argv[6]
+        s = open_store(store, chunk_bytes=SMALL_CHUNK)
+        state = numpy_state(seed)
+        for step in range(rounds):
+            os.environ["REBOUND_STORAGE_FAULT"] = f"barrier:before-commit:{barrier}/{step}:{n}"
+            print(json.dumps(race_save(s, run, step, state, {"seed": seed})), flush=True)
+        return 0
     raise SystemExit(f"unknown role {argv[0]!r}")
+
+
+def race_save(store: Any, run: str, step: int, state: dict, metadata: dict) -> dict:
+    """One writer's save in a race (the barrier comes from REBOUND_STORAGE_FAULT): outcome, ref."""
+    ref = store.save(run, step, state, {**metadata, "step": step})
+    return {"step": step, "ref": ref.to_dict(), "outcome": store.last_save_stats.outcome}
 
 
 if __name__ == "__main__":

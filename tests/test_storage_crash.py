@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +166,30 @@ def test_per_file_fsync_durability_mode(tmp_path: Path) -> None:
     store.save(RUN, 1, state, {})
     assert store.last_save_stats.durability == "fsync"
     assert_same_tensors(store.load(RUN, 1).tensors, state)
+
+
+def test_a_commit_landing_while_a_writer_looks_is_not_deleted(tmp_path: Path) -> None:
+    """Issue 7 point 9: writer A finds no marker for step 8; writer B commits step 8 right then;
+    A must not take B's fresh commit for a markerless folder and delete it."""
+    barrier = tmp_path / "barrier"
+    a = start_writer(str(tmp_path), RUN, 8, seed=20, REBOUND_STORAGE_FAULT=f"barrier:existing-no-marker:{barrier}:2")
+    b = None
+    try:
+        deadline = time.monotonic() + 30
+        while not (barrier.is_dir() and any(barrier.iterdir())):  # A is waiting between its checks
+            assert a.poll() is None and time.monotonic() < deadline, a.communicate()
+            time.sleep(0.01)
+        b = start_writer(str(tmp_path), RUN, 8, seed=21, REBOUND_STORAGE_FAULT=f"barrier:after-rename:{barrier}:2")
+        outs = [p.communicate(timeout=60) for p in (a, b)]
+    finally:
+        for p in (a, b):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [a.returncode, b.returncode] == [0, 0], [o[1] for o in outs]
+    res_a, res_b = (json.loads(o[0]) for o in outs)
+    assert res_b["outcome"] == "committed" and res_a["outcome"] == "existing"
+    assert res_a["ref"] == res_b["ref"]
+    store = _store(tmp_path)
+    assert store.ref(RUN, 8).to_dict() == res_b["ref"]
+    assert_same_tensors(store.load(RUN, 8).tensors, numpy_state(21))
