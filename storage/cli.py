@@ -104,7 +104,14 @@ def cmd_verify(args: argparse.Namespace, store: CheckpointStore) -> tuple[int, A
     if not targets:
         raise UsageError("nothing to verify")
     reports, lines = [], []
+    # On fsspec a step folder without its marker is a save in flight (files are copied in, the
+    # marker comes last) or one that died: not a checkpoint, and not a corrupt one.
+    committed = None if store.backend.atomic_commit else {r: set(store.steps(r)) for r, _ in targets}
     for run, step in targets:
+        if committed is not None and step not in committed[run]:
+            lines.append(f"PENDING  {run}@{step}  no commit marker yet: a save in flight (or abandoned), "
+                         "not a checkpoint")
+            continue
         try:
             rep = store.verify(run, step)
         except CheckpointNotFoundError as e:

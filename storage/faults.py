@@ -4,7 +4,8 @@ Set ``REBOUND_STORAGE_FAULT`` in a writer's environment:
 ``chunks:N`` kills it right after its N-th chunk file is written, ``before-manifest``,
 ``before-commit`` (staging complete, commit not begun), ``before-rename`` (marker written, not
 yet published) or ``after-rename`` (published, parent folder not yet fsynced);
-``existing-no-marker`` is where a save has just found no commit marker for its step.
+``existing-no-marker`` is where a save has just found no commit marker for its step;
+``mid-copy`` (fsspec) is after the first file is copied into the step folder.
 ``barrier:POINT:DIR:N`` does not kill: it makes N writers meet at POINT (each drops a file in
 DIR and waits for N files) so a race test really races; writers may meet at different points.
 Unset, every point is a dictionary lookup and nothing else.

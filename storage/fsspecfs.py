@@ -26,6 +26,7 @@ from datetime import timedelta
 
 import fsspec
 
+from storage import faults
 from storage.backend import ChunkSizeError, Hasher, read_blocks, write_blocks
 from storage.claims import Claims
 
@@ -68,8 +69,10 @@ class FsspecStaging:
                 return False  # another writer committed this step: its files stay untouched
             if b.exists(final):
                 b.remove_tree(final)  # a dead claimer's partial copy: nobody else writes here now
-            for rel in self._files:
+            for i, rel in enumerate(self._files):
                 b.fs.copy(b.p(f"{self.path}/{rel}"), b.p(f"{final}/{rel}"))
+                if i == 0:
+                    faults.point("mid-copy")
             b.fs.pipe_file(b.p(marker_path), marker)
             won = b.read_bytes(marker_path) == marker  # a store that broke the claim's promise
         self.discard()
@@ -136,6 +139,11 @@ class FsspecBackend:
         except FileNotFoundError:
             return None
         return int(info["size"]) if info.get("type") == "file" else None
+
+    def list_files(self, path: str) -> list[str]:
+        base = self.p(path).rstrip("/")
+        found = self.fs.find(base)
+        return sorted(f.rstrip("/")[len(base) + 1:] for f in found if f.rstrip("/").startswith(base + "/"))
 
     def read_bytes(self, path: str) -> bytes:
         return self.fs.cat_file(self.p(path))

@@ -77,6 +77,10 @@ def _fsync_tree(root: str) -> None:
         _fsync_dir(folder)
 
 
+def _raise(err: OSError) -> None:
+    raise err
+
+
 def _write_all(fd: int, data: memoryview) -> int:
     """os.write; a separate function so tests can inject I/O errors here."""
     return os.write(fd, data)
@@ -236,6 +240,14 @@ class LocalBackend:
             return os.stat(self._p(path)).st_size
         except FileNotFoundError:
             return None
+
+    def list_files(self, path: str) -> list[str]:
+        base = self._p(path)
+        out = []
+        for folder, _, files in os.walk(base, onerror=_raise):
+            rel = os.path.relpath(folder, base)
+            out += [name if rel == "." else f"{rel}/{name}".replace(os.sep, "/") for name in files]
+        return sorted(out)
 
     def read_bytes(self, path: str) -> bytes:
         with open(self._p(path), "rb") as f:

@@ -8,6 +8,7 @@ back from disk is validated before any of its names becomes a path.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MARKER = "COMMITTED"
 _HEX128 = re.compile(r"^[0-9a-f]{32}$")
+# No writer makes chunk files this large (chunk_bytes is ~64 MiB): a bigger one is a forged shape.
+MAX_CHUNK_BYTES = 1 << 40
 
 
 @dataclass
@@ -102,6 +105,15 @@ def _int_list(v: object) -> bool:
     return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
 
 
+def _chunk_count(shape: list[int], cshape: list[int]) -> int:
+    """How many chunk files a shape has (chunk_specs' count, computed without building them)."""
+    if not shape:
+        return 1
+    if math.prod(shape) == 0:
+        return 0
+    return -(-shape[0] // cshape[0])
+
+
 def _decode_array(a: object, run_id: str, step: int) -> ArrayEntry:
     if not isinstance(a, dict) or not isinstance(a.get("name"), str):
         raise _fail(run_id, step, "manifest array entry without a name")
@@ -110,18 +122,22 @@ def _decode_array(a: object, run_id: str, step: int) -> ArrayEntry:
         validate_array_name(name)
     except ValueError as e:
         raise _fail(run_id, step, f"unsafe array name in manifest: {e}", name) from None
-    dt = DTYPES.get(a.get("dtype"))  # type: ignore[arg-type]
+    dtype = a.get("dtype")
+    dt = DTYPES.get(dtype) if isinstance(dtype, str) else None
     if dt is None or a.get("stored_dtype") != dt.stored:
-        raise _fail(run_id, step, f"bad dtype {a.get('dtype')!r}/{a.get('stored_dtype')!r}", name)
+        raise _fail(run_id, step, f"bad dtype {dtype!r}/{a.get('stored_dtype')!r}", name)
     shape, cshape = a.get("shape"), a.get("chunk_shape")
     if not _int_list(shape) or not _int_list(cshape) or len(shape) != len(cshape):
         raise _fail(run_id, step, "bad shape or chunk_shape", name)
     if shape and (cshape[0] < 1 or cshape[1:] != [max(1, d) for d in shape[1:]]):
         raise _fail(run_id, step, f"unsupported chunk_shape {cshape} for shape {shape}", name)
-    specs = chunk_specs(tuple(shape), tuple(cshape), dt.itemsize)
     chunks = a.get("chunks")
-    if not isinstance(chunks, list) or len(chunks) != len(specs):
+    # Count before building anything: an absurd shape must cost nothing but this comparison.
+    if not isinstance(chunks, list) or len(chunks) != _chunk_count(shape, cshape):
         raise _fail(run_id, step, "chunk list does not match shape", name)
+    if math.prod(cshape) * dt.itemsize > MAX_CHUNK_BYTES:
+        raise _fail(run_id, step, f"chunk_shape {cshape} makes chunks over {MAX_CHUNK_BYTES} bytes", name)
+    specs = chunk_specs(tuple(shape), tuple(cshape), dt.itemsize)
     hashes = []
     for spec, c in zip(specs, chunks, strict=True):
         # Chunk keys come from our own computation, never from the file: no path escapes.
@@ -160,14 +176,24 @@ def decode_manifest(data: bytes, run_id: str, step: int) -> Manifest:
     documents = doc.get("documents")
     if not isinstance(documents, dict) or sorted(documents) != sorted(expected_documents(names)):
         raise _fail(run_id, step, "manifest document list does not match its arrays")
+    if not all(isinstance(v, str) and _HEX128.match(v) for v in documents.values()):
+        raise _fail(run_id, step, "manifest holds a bad document hash")
+    if doc.get("run_id") != run_id:
+        raise _fail(run_id, step, f"checkpoint belongs to run {doc.get('run_id')!r}, not this run")
+    state_hash = doc.get("state_hash")
+    if not isinstance(state_hash, str) or not _HEX128.match(state_hash):
+        raise _fail(run_id, step, f"bad state_hash {state_hash!r}")
+    created = doc.get("created_unix")
+    if not isinstance(created, (int, float)) or isinstance(created, bool) or not math.isfinite(created):
+        raise _fail(run_id, step, f"bad created_unix {created!r}")
     return Manifest(
-        run_id=str(doc.get("run_id", run_id)),
+        run_id=run_id,
         step=step,
         metadata=doc["metadata"],
         arrays=arrays,
-        documents={str(k): str(v) for k, v in documents.items()},
-        state_hash=str(doc.get("state_hash", "")),
-        created_unix=float(doc.get("created_unix", 0.0)),
+        documents=dict(documents),
+        state_hash=state_hash,
+        created_unix=float(created),
     )
 
 
@@ -192,6 +218,10 @@ def decode_marker(data: bytes, run_id: str, step: int) -> str:
         raise _fail(run_id, step, "commit marker is unreadable") from None
     if not isinstance(h, str) or not _HEX128.match(h):
         raise _fail(run_id, step, "commit marker holds no valid manifest hash")
+    if doc.get("run_id", run_id) != run_id:  # a checkpoint folder copied in from another run
+        raise _fail(run_id, step, f"checkpoint belongs to run {doc.get('run_id')!r}, not this run")
+    if doc.get("step", step) != step or isinstance(doc.get("step"), bool):
+        raise _fail(run_id, step, f"commit marker is for step {doc.get('step')!r}")
     return h
 
 

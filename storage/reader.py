@@ -16,7 +16,6 @@ import xxhash
 
 from storage.backend import Backend, ChunkSizeError
 from storage.errors import CheckpointNotFoundError, CorruptCheckpointError, classify_os_error
-from storage.hashing import StateHasher, bytes_hash
 from storage.manifest import (
     MANIFEST,
     MARKER,
@@ -64,7 +63,8 @@ class VerifyReport:
         }
 
 
-def _read(backend: Backend, path: str) -> bytes | None:
+def read_small(backend: Backend, path: str) -> bytes | None:
+    """A small file's bytes; None when it is absent (other errors are classified and raised)."""
     try:
         return backend.read_bytes(path)
     except FileNotFoundError:
@@ -75,20 +75,20 @@ def _read(backend: Backend, path: str) -> bytes | None:
 
 def open_manifest(backend: Backend, run_id: str, step: int, step_dir: str) -> tuple[Manifest, CheckpointRef]:
     """Read the marker and the manifest it commits to; CheckpointNotFoundError if no step."""
-    marker = _read(backend, f"{step_dir}/{MARKER}")
+    marker = read_small(backend, f"{step_dir}/{MARKER}")
     if marker is None:
         if not backend.exists(step_dir):
             raise CheckpointNotFoundError(f"run {run_id!r} has no checkpoint at step {step}")
         raise CorruptCheckpointError(run_id, step, "commit marker missing (not committed or damaged)")
     manifest_hash = decode_marker(marker, run_id, step)
-    data = _read(backend, f"{step_dir}/{MANIFEST}")
+    data = read_small(backend, f"{step_dir}/{MANIFEST}")
     if data is None:
         raise CorruptCheckpointError(run_id, step, "manifest.json missing")
     manifest = check_manifest_bytes(data, manifest_hash, run_id, step)
     return manifest, CheckpointRef(run_id, step, manifest_hash)
 
 
-def _read_chunk(
+def read_chunk(
     backend: Backend, run_id: str, step: int, step_dir: str, entry: ArrayEntry, i: int,
     dest: memoryview | None, verify: bool, data_hashers: list,
 ) -> None:
@@ -142,7 +142,7 @@ def load_tensors(
             jobs.append((entry, i, view[spec.start : spec.start + spec.data_nbytes]))
     with ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="ckpt-read") as pool:
         futs = [
-            pool.submit(_read_chunk, backend, run_id, step, step_dir, e, i, dest, verify, [])
+            pool.submit(read_chunk, backend, run_id, step, step_dir, e, i, dest, verify, [])
             for e, i, dest in jobs
         ]
         try:
@@ -158,38 +158,3 @@ def load_tensors(
     if pin:
         torch.cuda.synchronize()
     return out
-
-
-def scan(backend: Backend, run_id: str, step: int, step_dir: str) -> VerifyReport:
-    """Verify every chunk and zarr.json, recomputing state_hash on the way; never raises for
-    corruption (problems are collected), only TransientStoreError for I/O trouble."""
-    report = VerifyReport(run_id, step)
-    try:
-        manifest, ref = open_manifest(backend, run_id, step, step_dir)
-    except CorruptCheckpointError as e:
-        report.problems.append(e)
-        return report
-    report.ref = ref
-    state = StateHasher()
-    for entry in sorted(manifest.arrays, key=lambda a: a.layout.name):
-        lay = entry.layout
-        state.begin(lay.name, lay.dtype.name, lay.shape)
-        for i, spec in enumerate(lay.chunks):
-            try:
-                _read_chunk(backend, run_id, step, step_dir, entry, i, None, True, [state])
-            except CorruptCheckpointError as e:
-                report.problems.append(e)
-            report.chunks_checked += 1
-            report.bytes_checked += spec.nbytes
-    for path, digest in sorted(manifest.documents.items()):
-        data = _read(backend, f"{step_dir}/{path}")
-        if data is None or bytes_hash(data) != digest:
-            node = path.rsplit("/", 1)[0] if "/" in path else None
-            why = "missing" if data is None else "hash mismatch"
-            report.problems.append(
-                CorruptCheckpointError(run_id, step, f"zarr.json {why}", array=node, chunk="zarr.json")
-            )
-    report.ok = not report.problems
-    if report.ok:
-        report.state_hash = state.hexdigest()
-    return report

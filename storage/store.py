@@ -17,10 +17,11 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from storage import faults
 from storage.backend import Backend
+from storage.checks import check_structure, scan
 from storage.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -31,12 +32,13 @@ from storage.errors import (
 from storage.export import ExportFormat, write_export
 from storage.manifest import MARKER, Manifest
 from storage.names import parse_step_dirname, step_dirname, validate_doc_name, validate_run_id
-from storage.reader import VerifyReport, load_tensors, open_manifest, scan
+from storage.reader import VerifyReport, load_tensors, open_manifest
 from storage.refs import CheckpointRef
 from storage.retention import steps_to_delete
 from storage.writer import STAGING_PREFIX, SaveStats, check_inputs, staging_prefix, write_staging
 
 log = logging.getLogger("storage")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -251,20 +253,61 @@ class CheckpointStore:
     def latest_verified_ref(
         self, run_id: str, on_corrupt: Callable[[CorruptCheckpointError], None] | None = None
     ) -> CheckpointRef | None:
-        """Like load_latest_verified, without keeping the tensors: the newest verified step."""
+        """Like load_latest_verified, without keeping the tensors: the newest verified step.
+
+        The same checks as load_latest_verified (``storage.checks``, then every chunk hashed).
+        """
+
+        def verified(step: int) -> CheckpointRef:
+            report = self.verify(run_id, step)
+            if not report.ok:
+                raise report.problems[0]
+            assert report.ref is not None
+            return report.ref
+
+        return self._newest(run_id, verified, on_corrupt)
+
+    def latest_committed_ref(
+        self, run_id: str, on_corrupt: Callable[[CorruptCheckpointError], None] | None = None
+    ) -> CheckpointRef | None:
+        """The newest step that passes every check except reading and hashing chunk bytes.
+
+        Checks (``storage.checks``): marker and manifest agree; the manifest's schema (types,
+        dtypes, shapes, chunk counts); marker, manifest and root zarr.json name this run and
+        step; every zarr.json present with its hash; every chunk file present with the
+        manifest's size; no file the manifest does not list. A verified load of the returned
+        step (``load``) then only has the chunk hashes left to find wrong. Each step passed over
+        is reported through ``on_corrupt`` (or logged), newest first.
+        """
+
+        def committed(step: int) -> CheckpointRef:
+            st = check_structure(self.backend, run_id, step, self._step_dir(run_id, step), self.config.io_threads)
+            if st.problems:
+                raise st.problems[0]
+            return st.ref
+
+        return self._newest(run_id, committed, on_corrupt)
+
+    def _newest(
+        self, run_id: str, check: Callable[[int], T],
+        on_corrupt: Callable[[CorruptCheckpointError], None] | None,
+    ) -> T | None:
+        """``check(step)`` of the newest step that passes it, falling back past corrupt ones.
+
+        On a local store a step folder without its commit marker counts as corrupt (commits are
+        atomic renames, so that is damage); on fsspec it is a write in flight and is skipped.
+        """
         candidates = self.step_folders(run_id) if self.backend.atomic_commit else self.steps(run_id)
         for step in reversed(candidates):
             try:
-                report = self.verify(run_id, step)
-            except CheckpointNotFoundError:
-                continue
-            if report.ok:
-                return report.ref
-            for problem in report.problems[:1]:
+                return check(step)
+            except CorruptCheckpointError as e:
                 if on_corrupt is not None:
-                    on_corrupt(problem)
+                    on_corrupt(e)
                 else:
-                    log.warning("skipping corrupt checkpoint: %s", problem)
+                    log.warning("skipping corrupt checkpoint: %s", e)
+            except CheckpointNotFoundError:
+                continue  # deleted while we looked
         return None
 
     def read_metadata(self, run_id: str, step: int) -> dict:
@@ -279,11 +322,12 @@ class CheckpointStore:
             CorruptCheckpointError: anything fails verification (names run, step, array, chunk).
             TransientStoreError: the filesystem failed.
         """
-        manifest, ref = self.read_manifest(run_id, step)
-        tensors = load_tensors(
-            self.backend, manifest, self._step_dir(run_id, step), device, verify, self.config.io_threads
-        )
-        return LoadedCheckpoint(tensors=tensors, metadata=manifest.metadata, ref=ref)
+        step_dir = self._step_dir(run_id, step)
+        st = check_structure(self.backend, run_id, step, step_dir, self.config.io_threads)
+        if st.problems:
+            raise st.problems[0]  # before any tensor is allocated
+        tensors = load_tensors(self.backend, st.manifest, step_dir, device, verify, self.config.io_threads)
+        return LoadedCheckpoint(tensors=tensors, metadata=st.manifest.metadata, ref=st.ref)
 
     def load_latest_verified(
         self,
@@ -294,21 +338,12 @@ class CheckpointStore:
         """The newest checkpoint that verifies, falling back past corrupt ones; None if none.
 
         Each corrupt checkpoint passed over is reported through ``on_corrupt`` (or logged).
-        On a local store a step folder without its commit marker counts as corrupt (commits are
-        atomic renames, so that is damage); on fsspec it is a write in flight and is skipped.
+        The same checks as latest_verified_ref and verify (``storage.checks``, then every
+        chunk hashed as it is read). On a local store a step folder without its commit marker
+        counts as corrupt (commits are atomic renames, so that is damage); on fsspec it is a
+        write in flight and is skipped.
         """
-        candidates = self.step_folders(run_id) if self.backend.atomic_commit else self.steps(run_id)
-        for step in reversed(candidates):
-            try:
-                return self.load(run_id, step, device=device)
-            except CorruptCheckpointError as e:
-                if on_corrupt is not None:
-                    on_corrupt(e)
-                else:
-                    log.warning("skipping corrupt checkpoint: %s", e)
-            except CheckpointNotFoundError:
-                continue  # deleted while we looked
-        return None
+        return self._newest(run_id, lambda step: self.load(run_id, step, device=device), on_corrupt)
 
     def verify(self, run_id: str, step: int) -> VerifyReport:
         """Check every chunk and document of one checkpoint; problems are collected, not raised.
@@ -316,7 +351,7 @@ class CheckpointStore:
         Raises:
             CheckpointNotFoundError: no checkpoint at that step.
         """
-        return scan(self.backend, run_id, step, self._step_dir(run_id, step))
+        return scan(self.backend, run_id, step, self._step_dir(run_id, step), self.config.io_threads)
 
     def state_hash(self, run_id: str, step: int) -> str:
         """state_hash recomputed from the stored bytes (verifying them on the way)."""
