@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from storage_helpers import (
+    ROOT,
     SMALL_CHUNK,
     assert_same_tensors,
     chunks_under,
+    env_for_child,
     flip_byte,
     numpy_state,
     start_writer,
@@ -193,3 +195,34 @@ def test_a_commit_landing_while_a_writer_looks_is_not_deleted(tmp_path: Path) ->
     store = _store(tmp_path)
     assert store.ref(RUN, 8).to_dict() == res_b["ref"]
     assert_same_tensors(store.load(RUN, 8).tensors, numpy_state(21))
+
+
+def test_first_checkpoint_of_a_run_fsyncs_the_new_folders_parents(tmp_path: Path) -> None:
+    """Issue 7 point 13: in fsync mode the first save of a run creates the store, run and ckpt
+    folders; each new folder's entry is made durable in its parent (observed with strace)."""
+    import shutil
+    import subprocess
+    import sys
+
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed")
+    root = tmp_path / "store"
+    log = tmp_path / "fsync.log"
+    code = (
+        "import sys; from storage import open_store; from storage_helpers import numpy_state; "
+        f"open_store({str(root)!r}, durability='fsync').save('r', 1, numpy_state(1), {{}})"
+    )
+    res = subprocess.run(
+        [strace, "-f", "-y", "-e", "trace=fsync", "-o", str(log), sys.executable, "-c", code],
+        cwd=ROOT, env=env_for_child(PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}"), capture_output=True,
+        text=True, timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    synced = {
+        line.split("<", 1)[1].split(">", 1)[0]
+        for line in log.read_text().splitlines() if "fsync(" in line and "<" in line
+    }
+    for folder in (tmp_path, root, root / RUN, root / RUN / "ckpt"):
+        assert str(folder) in synced, (folder, sorted(synced))
+    assert any(p.endswith("/COMMITTED") for p in synced)
