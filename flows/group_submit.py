@@ -36,17 +36,36 @@ def mark_crashed(task_run_id: Any, message: str) -> None:
 RESULT_WAIT_S = 10.0
 """How long to wait for a finished task's result before watching the task again."""
 
+RESULT_FETCH_TRIES = 6
+"""Fetches of a finished task's result that may time out (its result lost with its worker each
+time) before the task is given up as stranded and resubmitted (counted against the budget)."""
+
 
 def _result_supervised(future: Any, watch: ClusterWatch, dog: Watchdog, what: str) -> Any:
     """The task's result. A finished task's result can still be lost with its worker before it
     is fetched; Dask then reschedules the task and the fetch would wait forever for a worker.
-    So the fetch has a timeout, and on it the (rescheduled) task is supervised again."""
-    while True:
+    So the fetch has a timeout, and on it the (rescheduled) task is supervised again, a bounded
+    number of times.
+
+    A TimeoutError is also what a task raises on its own (an OSError: a socket or a lock that
+    timed out). That one comes with the Dask future done, and is the task's error: it goes up
+    as such (Prefect has already applied the task's retries), never taken for a slow fetch.
+
+    Raises:
+        TaskStranded: the result could not be fetched RESULT_FETCH_TRIES times.
+    """
+    for _ in range(RESULT_FETCH_TRIES):
         supervise(future.wrapped_future, watch, dog, what)
         try:
             return future.result(timeout=RESULT_WAIT_S)
         except TimeoutError:
-            continue
+            if future.wrapped_future.done():
+                # The future is done, so this did not come from waiting on it: the task's
+                # own TimeoutError. Asking once more raises it again at once (or, had the task
+                # finished just as the wait ran out, returns its result).
+                return future.result(timeout=RESULT_WAIT_S)
+    raise TaskStranded(f"{what}: its result was lost {RESULT_FETCH_TRIES} times before it "
+                       f"could be fetched")
 
 
 def submit_supervised(submit: Callable[[], Any],
