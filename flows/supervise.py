@@ -91,7 +91,7 @@ class ClusterWatch:
             with self._lock:
                 self.last_progress_unix = time.time()
                 self.last_progress_worker = msg.get("worker")
-                self.last_seen[str(msg.get("worker"))] = self.last_progress_unix
+                self.last_seen[str(msg.get("worker"))] = float(msg.get("unix", time.time()))
                 if "seconds" in msg and msg.get("attempt"):
                     totals = self.attempts.setdefault(str(msg["attempt"]), AttemptTotals())
                     totals.trained_s += float(msg["seconds"])

@@ -6,6 +6,7 @@ slow or absent watcher never slows training. Outside a Dask worker they are drop
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 PROGRESS_TOPIC = "rebound-progress"
@@ -19,7 +20,9 @@ def emit(run_id: str, **fields: Any) -> None:
         worker = get_worker()
     except (ImportError, ValueError):
         return
-    worker.log_event(PROGRESS_TOPIC, {"run_id": run_id, "worker": worker.address, **fields})
+    # The worker's own clock: when it was last alive, however late the event is delivered.
+    worker.log_event(PROGRESS_TOPIC, {"run_id": run_id, "worker": worker.address,
+                                      "unix": time.time(), **fields})
 
 
 def worker_name() -> str | None:
