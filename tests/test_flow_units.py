@@ -73,3 +73,20 @@ def test_young_daly_grows_with_checkpoint_cost_and_mtbf() -> None:
     dear = young_daly_interval(1.0, 3600, 0.3, 10_000)
     assert dear > cheap >= 1
     assert young_daly_interval(1.0, 3600, 0.3, 50) == 50  # capped at the group size
+
+
+def test_a_dropped_warm_trainer_stays_dropped() -> None:
+    # A task that took the warm trainer, then a failure dropped the cache (this task's or
+    # another's): putting it back must not bring back memory that matches no checkpoint.
+    from tasks import worker_cache as cache
+
+    key = ("run", "hash")
+    held = cache.WarmTrainer(key, trainer=object(), at_ref=None)  # type: ignore[arg-type]
+    cache.put_warm(held)
+    assert cache.take_warm(key) is held
+    cache.drop_warm()
+    cache.put_warm(held)
+    assert cache.take_warm(key) is None
+    fresh = cache.WarmTrainer(key, trainer=object(), at_ref=None)  # type: ignore[arg-type]
+    cache.put_warm(fresh)
+    assert cache.take_warm(key) is fresh

@@ -129,8 +129,27 @@ def test_bit_rot_injected_after_commit_is_detected_and_skipped(reference: dict, 
     assert s["state_hash"] == reference["state_hash"]
     assert [f["kind"] for f in s["failures"]] == ["corrupt-latest"]
     assert s["failures"][0]["lost_steps"] == CKPT
+    assert s["failures"][0]["array"] and s["failures"][0]["chunk"]  # where the rot was found
     line = next(x for x in done.stderr.splitlines() if "corrupt checkpoint skipped" in x)
     assert "step 20" in line and "array" in line and "chunk" in line
+    # Step 20 ends epoch 0: its evaluation meets the rot. Rereading it cannot help, so neither
+    # the evaluation's retries nor the epoch's only retry are spent on it: the group is
+    # trained again from step 15 and evaluated once more.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterName,
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
+    )
+
+    with get_client(sync_client=True) as client:
+        [epoch0] = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=["rot epoch 0"])))
+        evals = [t for t in client.read_task_runs(task_run_filter=TaskRunFilter(
+            flow_run_id=TaskRunFilterFlowRunId(any_=[epoch0.id]))) if t.name.startswith("eval")]
+    assert epoch0.run_count == 1
+    assert sorted(t.run_count for t in evals) == [1, 1]
 
 
 def _flip_a_byte(step_dir: Path) -> Path:
@@ -146,15 +165,23 @@ def test_byte_flipped_between_invocations_falls_back(reference: dict, workdir: P
                                                      corpus: Path) -> None:
     done, s = _run(workdir, corpus, "flipped", "--until", "20")
     assert done.returncode == 0 and s["final_step"] == 20, done.stderr[-3000:]
-    chunk = _flip_a_byte(workdir / "store" / "flipped" / "ckpt" / f"{20:012d}")
+    step_dir = workdir / "store" / "flipped" / "ckpt" / f"{20:012d}"
+    chunk = _flip_a_byte(step_dir)
+    parts = chunk.relative_to(step_dir).parts
+    array, key = "/".join(parts[:parts.index("c")]), "/".join(parts[parts.index("c"):])
     assert _verify(workdir / "store", "flipped").returncode == 1
     done, s = _run(workdir, corpus, "flipped")
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(x for x in done.stderr.splitlines() if "corrupt checkpoint skipped" in x)
-    assert "step 20" in line and chunk.parent.name in line or chunk.name in line
+    assert "step 20" in line and f"array {array!r}" in line and f"chunk {key!r}" in line
     assert s["resumed_from_step"] == 15
     assert s["state_hash"] == reference["state_hash"]
     assert _verify(workdir / "store", "flipped").returncode == 0  # step 20 was written again
+    # The summary tells it too: the corrupt checkpoint is a failure, with what was lost.
+    [corrupt] = s["failures"]
+    assert corrupt["kind"] == "corrupt-checkpoint" and corrupt["step"] == 20
+    assert (corrupt["array"], corrupt["chunk"]) == (array, key)
+    assert corrupt["lost_steps"] == CKPT and corrupt["restored_from"] == "checkpoint"
 
 
 def test_coordinator_killed_resumes_without_retraining_committed_groups(reference: dict,
