@@ -17,17 +17,21 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from training.config import ResolvedTrainConfig
 from training.data import Corpus, DataCursor, batches_per_epoch, get_batch, get_eval_batches
 from training.device import autocast, configure_determinism, resolve_device
+from training.distributed import batch_share
 from training.model import GPT
-from training.rng import INIT_STREAM, STEP_STREAM, derive_seed
+from training.rng import INIT_STREAM, STEP_STREAM, derive_rank_seed, derive_seed
 from training.schedule import lr_at
 from training.state import capture_state, restore_state
+
+if TYPE_CHECKING:
+    from training.distributed import RankGroup
 
 
 @dataclass(frozen=True)
@@ -53,19 +57,25 @@ class StepResult:
 class Trainer:
     """Model + optimizer + position in training, with exact capture and restore."""
 
-    def __init__(self, cfg: ResolvedTrainConfig, corpus: Corpus, device: str | None = None):
+    def __init__(self, cfg: ResolvedTrainConfig, corpus: Corpus, device: str | None = None,
+                 sync: RankGroup | None = None):
         """Build the model and optimizer for `cfg` on `corpus`, freshly initialised from cfg.seed.
 
         Args:
             cfg: the run's resolved configuration.
             corpus: training data; its vocab_size sizes the model's embedding.
             device: auto | cpu | cuda[:N]; None means cfg.device.
+            sync: this rank's data-parallel group; None trains alone. May be replaced later
+                (`trainer.sync = ...`) when the group re-forms with the same world size.
 
         Raises:
             DataError: the corpus cannot fill one batch.
-            ValueError: CUDA requested but absent.
+            ValueError: CUDA requested but absent, or a batch the ranks cannot share equally.
         """
         self.cfg = cfg
+        self.sync = sync
+        if sync is not None:
+            batch_share(cfg.batch_size, sync.world_size)
         self.corpus = corpus
         if cfg.torch_threads is not None:
             # Pinned so a step's speed does not depend on what else the machine runs; set per
@@ -140,16 +150,29 @@ class Trainer:
         x, y, next_cursor = get_batch(
             self.corpus, self.cursor, cfg.seed, cfg.batch_size, cfg.block_size, cfg.epoch_steps
         )
+        sync = self.sync
+        if sync is not None and sync.world_size > 1:
+            # Every rank draws the same global batch and keeps its fixed share of the rows.
+            share = batch_share(cfg.batch_size, sync.world_size)
+            rows = slice(sync.rank * share, (sync.rank + 1) * share)
+            x, y = x[rows], y[rows]
+            step_seed = derive_rank_seed(cfg.seed, STEP_STREAM, self.step, sync.rank)
+        else:
+            step_seed = derive_seed(cfg.seed, STEP_STREAM, self.step)
         x, y = x.to(self.device), y.to(self.device)
 
         # Dropout draws from the global generator: reseed it from (seed, step) so a resumed step
         # draws exactly what the uninterrupted one drew, whatever ran in this process before.
-        torch.manual_seed(derive_seed(cfg.seed, STEP_STREAM, self.step))
+        torch.manual_seed(step_seed)
         self.model.train()
         with autocast(self.device):
             _, loss = self.model(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # Averaged over the ranks before clipping, so every rank clips and steps identically.
+        # A failed collective raises here, before the optimizer: nothing of this step applies.
+        synced_loss = sync.average_gradients(list(self.model.parameters()), loss) \
+            if sync is not None and sync.world_size > 1 else None
         if cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         else:
@@ -159,7 +182,8 @@ class Trainer:
 
         self.step += 1
         self.cursor = next_cursor
-        loss_value = loss.item()  # waits for the device, so `seconds` covers the whole step
+        # Waits for the device, so `seconds` covers the whole step; with ranks, the global mean.
+        loss_value = synced_loss if synced_loss is not None else loss.item()
         return StepResult(
             step=self.step,
             loss=loss_value,

@@ -21,3 +21,11 @@ def derive_seed(seed: int, stream: int, index: int) -> int:
     """A 63-bit seed for (seed, stream, index), valid for torch.manual_seed and numpy."""
     state = np.random.SeedSequence([seed, stream, index]).generate_state(1, dtype=np.uint64)
     return int(state[0] >> np.uint64(1))  # 63 bits: torch.manual_seed takes a signed int64 too
+
+
+def derive_rank_seed(seed: int, stream: int, index: int, rank: int) -> int:
+    """Like derive_seed, for one data-parallel rank: ranks draw unrelated streams, and a world of
+    one keeps using derive_seed, so single-worker runs are unchanged."""
+    state = np.random.SeedSequence([seed, stream, index, rank, 1]).generate_state(
+        1, dtype=np.uint64)
+    return int(state[0] >> np.uint64(1))

@@ -1,0 +1,276 @@
+"""Data-parallel collectives for the Trainer: ranks that meet through a rendezvous the
+coordinator serves, average their gradients every step, and hand state to a peer.
+
+Pure torch.distributed (gloo on CPU, NCCL on CUDA); no Prefect, no Dask. How it is used:
+
+    server = RendezvousServer()                           # the coordinator, once per run
+    rdv = server.rendezvous("run-a/m3", world_size=2, timeout=timedelta(seconds=30))
+    group = RankGroup(rdv, rank)                          # every rank, with the same rdv
+    trainer = Trainer(cfg, corpus, sync=group)            # averages gradients every step
+    group.broadcast_state(trainer, src=0)                 # a replacement gets a survivor's state
+
+A rendezvous namespace names one membership: when a rank is lost the coordinator hands out a new
+namespace, so keys a dead attempt left behind are never read again, and the rendezvous itself
+lives in the coordinator, not in a rank that can die.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from training.loop import Trainer
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out: a peer died, hung, or the rendezvous is gone.
+
+    The caller's state is what it was before the collective (nothing half-applied)."""
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where and under which name the ranks of one membership meet (JSON-able: it travels in
+    task arguments)."""
+
+    host: str
+    """Host of the coordinator's TCPStore."""
+    port: int
+    """Its port."""
+    namespace: str
+    """Key prefix of this membership; a new one after every change of members."""
+    world_size: int
+    """Ranks in the group."""
+    timeout_s: float
+    """Bound on joining and on every collective, in seconds."""
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {self.world_size}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+
+    @property
+    def timeout(self) -> timedelta:
+        return timedelta(seconds=self.timeout_s)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Rendezvous:
+        return cls(**data)
+
+
+class RendezvousServer:
+    """The coordinator's TCPStore: outlives any rank, so a group can re-form after a death."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0,
+                 timeout: timedelta = timedelta(seconds=60)) -> None:
+        # wait_for_workers=False: ranks come and go; the server never waits for a head count.
+        self._store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False,
+                                    timeout=timeout)
+        self.host = host
+
+    @property
+    def port(self) -> int:
+        return self._store.port
+
+    def rendezvous(self, namespace: str, world_size: int, timeout: timedelta) -> Rendezvous:
+        """A meeting point for `world_size` ranks under a fresh namespace."""
+        return Rendezvous(self.host, self.port, namespace, world_size, timeout.total_seconds())
+
+    def close(self) -> None:
+        """Stop serving (ranks still waiting on it fail their next call)."""
+        del self._store
+
+
+def batch_share(batch_size: int, world_size: int) -> int:
+    """Rows of the global batch each rank takes; the batch must split into equal shares."""
+    if world_size < 1 or batch_size % world_size:
+        raise ValueError(f"batch size {batch_size} cannot be split into {world_size} equal "
+                         f"shares (--workers must divide it)")
+    return batch_size // world_size
+
+
+def _backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+class RankGroup:
+    """This process's membership in one data-parallel group.
+
+    torch keeps one default process group per process; a Dask worker runs one rank at a time,
+    so a new membership destroys the old group first (rebuilt, never patched).
+    """
+
+    def __init__(self, rdv: Rendezvous, rank: int, device: torch.device | str = "cpu") -> None:
+        if not 0 <= rank < rdv.world_size:
+            raise ValueError(f"rank {rank} is outside a world of {rdv.world_size}")
+        self.rdv = rdv
+        self.rank = rank
+        self.world_size = rdv.world_size
+        self.device = torch.device(device)
+        if rdv.host in _LOOPBACK:
+            # gloo picks the interface of the host name otherwise; on one machine that can be
+            # an address the other ranks cannot reach. Across machines the user's setting wins.
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        try:
+            client = dist.TCPStore(rdv.host, rdv.port, is_master=False, timeout=rdv.timeout)
+            store = dist.PrefixStore(rdv.namespace + "/", client)
+            dist.init_process_group(_backend_for(self.device), store=store, rank=rank,
+                                    world_size=rdv.world_size, timeout=rdv.timeout)
+        except (RuntimeError, OSError, dist.DistError) as err:
+            raise CollectiveError(f"rank {rank} could not join {rdv.namespace!r} at "
+                                  f"{rdv.host}:{rdv.port}: {_one_line(err)}") from None
+
+    @property
+    def alive(self) -> bool:
+        """Whether this group is still this process's default group."""
+        return dist.is_initialized()
+
+    def close(self) -> None:
+        """Leave the group (idempotent)."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # -- every step -----------------------------------------------------------------------
+
+    def average_gradients(self, params: list[torch.nn.Parameter], loss: torch.Tensor) -> float:
+        """Replace every gradient by its mean over the ranks; returns the mean loss.
+
+        One all_reduce per dtype over a flat buffer (the loss rides along in the fp32 one), so a
+        step costs one collective, not hundreds. Reduction order is fixed by the backend for a
+        given world size, so every rank gets the same bits and the same N gives the same run.
+        """
+        by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+        for p in params:
+            if p.grad is None:
+                # Every rank must contribute the same layout; an unused parameter adds zeros.
+                p.grad = torch.zeros_like(p)
+            by_dtype.setdefault(p.grad.dtype, []).append(p)
+        loss_value = loss.detach().float().reshape(1)
+        by_dtype.setdefault(torch.float32, [])
+        for dtype, group in by_dtype.items():
+            parts = [p.grad.reshape(-1) for p in group]
+            if dtype == torch.float32:
+                parts.append(loss_value.to(self.device))
+            flat = torch.cat(parts).to(self.device)
+            self._all_reduce(flat)
+            flat.div_(self.world_size)
+            offset = 0
+            for p in group:
+                n = p.grad.numel()
+                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+                offset += n
+            if dtype == torch.float32:
+                loss_value = flat[offset:offset + 1]
+        return float(loss_value.item())
+
+    # -- membership changes -----------------------------------------------------------------
+
+    def broadcast_state(self, trainer: Trainer, src: int) -> None:
+        """Make every rank's trainer state equal to rank `src`'s (model, optimizer, cursor).
+
+        The shapes and metadata travel as JSON, the bytes as one flat uint8 buffer: no pickle,
+        and a replacement whose optimizer has no state yet receives all of it.
+        """
+        if self.rank == src:
+            tensors, meta = trainer.capture()
+            names = sorted(tensors)
+            spec = {"meta": meta, "tensors": [
+                [n, str(tensors[n].dtype).removeprefix("torch."), list(tensors[n].shape)]
+                for n in names]}
+            payload = json.dumps(spec).encode()
+            flat = torch.cat([_as_bytes(tensors[n]) for n in names]) if names else \
+                torch.empty(0, dtype=torch.uint8)
+            sizes = torch.tensor([len(payload), flat.numel()], dtype=torch.int64)
+        else:
+            sizes = torch.zeros(2, dtype=torch.int64)
+        self._broadcast(sizes, src)
+        header = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if self.rank == src \
+            else torch.empty(int(sizes[0]), dtype=torch.uint8)
+        self._broadcast(header, src)
+        if self.rank != src:
+            flat = torch.empty(int(sizes[1]), dtype=torch.uint8)
+        self._broadcast(flat, src)
+        if self.rank == src:
+            return
+        spec = json.loads(bytes(header.numpy()).decode())
+        tensors, offset = {}, 0
+        for name, dtype_name, shape in spec["tensors"]:
+            dtype = getattr(torch, dtype_name)
+            n = _numel(shape) * torch.empty(0, dtype=dtype).element_size()
+            tensors[name] = flat[offset:offset + n].view(dtype).reshape(shape)
+            offset += n
+        trainer.restore(tensors, spec["meta"])
+
+    def all_gather_text(self, text: str, max_bytes: int = 128) -> list[str]:
+        """Every rank's `text` (a state_hash, say), in rank order."""
+        data = text.encode()
+        if len(data) > max_bytes:
+            raise ValueError(f"text of {len(data)} bytes exceeds {max_bytes}")
+        mine = torch.zeros(max_bytes + 1, dtype=torch.uint8)
+        mine[0] = len(data)
+        mine[1:1 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data \
+            else mine[1:1]
+        gathered = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        try:
+            dist.all_gather([g.to(self.device) for g in gathered] if self.device.type == "cuda"
+                            else gathered, mine.to(self.device))
+        except (RuntimeError, dist.DistError) as err:
+            raise CollectiveError(f"all_gather failed on rank {self.rank}: {_one_line(err)}") \
+                from None
+        return [bytes(g[1:1 + int(g[0])].cpu().numpy()).decode() for g in gathered]
+
+    def barrier(self) -> None:
+        """Wait for every rank (bounded by the rendezvous timeout)."""
+        self._all_reduce(torch.zeros(1, device=self.device))
+
+    # -- the collectives, with errors made ours -----------------------------------------------
+
+    def _all_reduce(self, t: torch.Tensor) -> None:
+        try:
+            dist.all_reduce(t)
+        except (RuntimeError, dist.DistError) as err:
+            raise CollectiveError(f"all_reduce failed on rank {self.rank}: {_one_line(err)}") \
+                from None
+
+    def _broadcast(self, t: torch.Tensor, src: int) -> None:
+        try:
+            if self.device.type == "cuda":
+                on_device = t.to(self.device)
+                dist.broadcast(on_device, src)
+                t.copy_(on_device.cpu())
+            else:
+                dist.broadcast(t, src)
+        except (RuntimeError, dist.DistError) as err:
+            raise CollectiveError(f"broadcast from rank {src} failed on rank {self.rank}: "
+                                  f"{_one_line(err)}") from None
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
