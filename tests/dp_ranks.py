@@ -69,6 +69,9 @@ def run_rank(rdv: dict[str, Any], rank: int, folder: str, plan: dict[str, Any], 
             break
     result["step"] = trainer.step
     result["hash"] = _hash(trainer)
-    result["gathered"] = group.all_gather_text(result["hash"]) if die_after is None else None
+    if die_after is None:
+        result["gathered"] = group.all_gather_text(result["hash"])
+        result["receipts"] = group.all_gather_json({"rank": rank, "pad": "x" * (rank * 300)})
+        result["from_last"] = group.broadcast_json({"chosen": rank}, src=group.world_size - 1)
     group.close()
     out.put(result)

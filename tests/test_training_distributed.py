@@ -53,6 +53,9 @@ def test_two_ranks_stay_identical_and_match_the_full_batch(server, tmp_path):
     a = _run(server, str(tmp_path), [{"steps": 6}, {"steps": 6}])
     assert a[0]["hash"] == a[1]["hash"]
     assert a[0]["gathered"] == [a[0]["hash"], a[1]["hash"]]
+    assert [r["rank"] for r in a[1]["receipts"]] == [0, 1]  # any size, in rank order
+    assert len(a[0]["receipts"][1]["pad"]) == 300
+    assert a[0]["from_last"] == a[1]["from_last"] == {"chosen": 1}
     assert a[0]["losses"] == a[1]["losses"]  # the global mean, the same bits on both ranks
     b = _run(server, str(tmp_path), [{"steps": 6}, {"steps": 6}])
     assert b[0]["hash"] == a[0]["hash"]  # deterministic for the same N

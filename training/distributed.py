@@ -216,23 +216,36 @@ class RankGroup:
             offset += n
         trainer.restore(tensors, spec["meta"])
 
-    def all_gather_text(self, text: str, max_bytes: int = 128) -> list[str]:
+    def all_gather_text(self, text: str) -> list[str]:
         """Every rank's `text` (a state_hash, say), in rank order."""
-        data = text.encode()
-        if len(data) > max_bytes:
-            raise ValueError(f"text of {len(data)} bytes exceeds {max_bytes}")
-        mine = torch.zeros(max_bytes + 1, dtype=torch.uint8)
-        mine[0] = len(data)
-        mine[1:1 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data \
-            else mine[1:1]
-        gathered = [torch.zeros_like(mine) for _ in range(self.world_size)]
-        try:
-            dist.all_gather([g.to(self.device) for g in gathered] if self.device.type == "cuda"
-                            else gathered, mine.to(self.device))
-        except (RuntimeError, dist.DistError) as err:
-            raise CollectiveError(f"all_gather failed on rank {self.rank}: {_one_line(err)}") \
-                from None
-        return [bytes(g[1:1 + int(g[0])].cpu().numpy()).decode() for g in gathered]
+        return [str(t) for t in self.all_gather_json(text)]
+
+    def all_gather_json(self, obj: Any) -> list[Any]:
+        """Every rank's JSON-able `obj`, in rank order (share receipts, say): lengths first, then
+        the bytes padded to the longest, so any size travels in two collectives."""
+        data = json.dumps(obj).encode()
+        length = torch.tensor([len(data)], dtype=torch.int64)
+        lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+        self._all_gather(lengths, length)
+        longest = max(int(n) for n in lengths)
+        mine = torch.zeros(longest, dtype=torch.uint8)
+        if data:
+            mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        gathered = [torch.zeros(longest, dtype=torch.uint8) for _ in range(self.world_size)]
+        self._all_gather(gathered, mine)
+        return [json.loads(bytes(g[:int(n)].numpy()).decode())
+                for g, n in zip(gathered, lengths, strict=True)]
+
+    def broadcast_json(self, obj: Any, src: int) -> Any:
+        """Rank `src`'s JSON-able `obj` on every rank (the committed checkpoint's ref, say)."""
+        data = json.dumps(obj).encode() if self.rank == src else b""
+        length = torch.tensor([len(data)], dtype=torch.int64)
+        self._broadcast(length, src)
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == src \
+            else torch.empty(int(length[0]), dtype=torch.uint8)
+        if int(length[0]):
+            self._broadcast(buf, src)
+        return json.loads(bytes(buf.numpy()).decode()) if int(length[0]) else None
 
     def barrier(self) -> None:
         """Wait for every rank (bounded by the rendezvous timeout)."""
@@ -245,6 +258,19 @@ class RankGroup:
             dist.all_reduce(t)
         except (RuntimeError, dist.DistError) as err:
             raise CollectiveError(f"all_reduce failed on rank {self.rank}: {_one_line(err)}") \
+                from None
+
+    def _all_gather(self, out: list[torch.Tensor], t: torch.Tensor) -> None:
+        try:
+            if self.device.type == "cuda":
+                on_device = [o.to(self.device) for o in out]
+                dist.all_gather(on_device, t.to(self.device))
+                for o, d in zip(out, on_device, strict=True):
+                    o.copy_(d.cpu())
+            else:
+                dist.all_gather(out, t)
+        except (RuntimeError, dist.DistError) as err:
+            raise CollectiveError(f"all_gather failed on rank {self.rank}: {_one_line(err)}") \
                 from None
 
     def _broadcast(self, t: torch.Tensor, src: int) -> None:
