@@ -1,40 +1,50 @@
 """Process priority for booting workers: a worker restarted after a crash must not slow the
 spare that is taking over its work.
 
-A worker's preload lowers its own priority before the heavy part of its start-up (`import
-torch`, Prefect, AdamW warm-up: seconds of CPU) and restores normal priority once it is warm.
-(Lowering the coordinator's priority as well, so that workers would boot low from their first
-instruction, halved recovery time again but cost ~7% of steady-state throughput: measured,
-bench.overhead 1.07 -> 1.14; not done.) Linux keeps a nice value per thread, so every thread
-is set. Without the privilege to raise priority again (not root), a worker stays at the lower
-priority, which only matters against other programs on the same machine.
+The heavy part of a worker's start-up (`import torch`, Prefect, AdamW's first use: seconds of
+CPU) runs in a thread of its own at the lowest priority, and only that thread is lowered:
+Linux keeps a nice value per thread, and a new thread inherits its creator's. The worker's own
+threads (its event loop, and the executor thread that later runs training, created from it)
+never leave normal priority, so nothing has to be raised back afterwards. Raising it back is
+what an unprivileged process cannot do (RLIMIT_NICE is 0 by default): the earlier scheme,
+lowering every thread and restoring them once warm, left a whole run training at nice 19
+without root. (Lowering the coordinator instead, so that workers would boot low from their
+first instruction, halved recovery time again but cost ~7% of steady-state throughput:
+measured, bench.overhead 1.07 -> 1.14; not done.)
 """
 
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
 
 BOOT_NICENESS = 19
 """A booting worker takes only what training leaves over."""
 
 
-def _set_all_threads(niceness: int) -> None:
+def _lower_this_thread(niceness: int) -> None:
     try:
-        tids = [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:
-        tids = [0]
-    for tid in tids:
+        # PRIO_PROCESS with a thread id: on Linux, exactly that thread.
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (OSError, AttributeError):
+        pass  # not Linux, or not permitted: boot at normal priority
+
+
+def run_at_low_priority(work: Callable[[], None]) -> None:
+    """Run work() in a thread of its own at BOOT_NICENESS and wait for it; its error is raised
+    here. Threads that work() starts inherit the low priority: keep long-lived ones out of it."""
+    errors: list[BaseException] = []
+
+    def boot() -> None:
+        _lower_this_thread(BOOT_NICENESS)
         try:
-            os.setpriority(os.PRIO_PROCESS, tid, niceness)
-        except (OSError, AttributeError):
-            pass
+            work()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(err)
 
-
-def lower_for_boot() -> None:
-    """Lower this process's priority (all threads); children inherit it."""
-    _set_all_threads(BOOT_NICENESS)
-
-
-def restore_normal() -> None:
-    """Back to normal priority (all threads), where permitted."""
-    _set_all_threads(0)
+    thread = threading.Thread(target=boot, name="rebound-boot", daemon=True)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
