@@ -18,8 +18,9 @@ it in the table and as NAME_min / NAME_max in --json):
   train_wall_s  the window: first training step to the final evaluation and commit
   tokens_per_s  tokens trained / train_wall_s
   ckpt_s        time spent checkpointing inside the window (Rebound: checkpoint_stall_s)
-  final_loss    training loss at the last step (both contenders should agree)
---json adds "runs" (each contender's numbers per round, in the order they ran) and "tokens".
+  final_loss    training loss at the end (plain loop: the last step's; Rebound: its summary's
+                train_loss)
+--json adds "runs" (each contender's numbers, one entry per round) and "tokens".
 Ratio (lower is better):
   rebound_vs_plain_loop_wall = median rebound train_wall_s / median plain_loop train_wall_s
                                (target <= 1.10); start-up is kept out of it.
@@ -185,4 +186,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM unwinds like an exception, so the finally blocks stop the contender's processes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(main())

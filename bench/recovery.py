@@ -1,19 +1,25 @@
 """bench.recovery: from a SIGKILLed training process to the next completed step, side by side.
 
-Both contenders train the same model preset on the same data for the same steps with the same
+The contenders train the same model preset on the same data for the same steps with the same
 checkpoint interval N, and lose their training process once, right after step K (--kill-after)
 has completed:
-  rebound   `python -m flows.train --workers 1 --spares 1 --chaos kill-worker@K+1` on a Dask
+  rebound_hot_spare
+            `python -m flows.train --workers 1 --spares 1 --chaos kill-worker@K+1` on a Dask
             LocalCluster of two worker processes: the Dask worker that is about to start step
             K+1 SIGKILLs itself (`fired_unix` in the store: the time just before the kill); the
-            batch group runs again on the other worker from the newest verified checkpoint.
+            batch group runs again on the other, already warm worker from the newest verified
+            checkpoint.
+  rebound_no_spare
+            the same with `--spares 0`: one worker process, so the group waits for the nanny to
+            restart the killed worker (the bare mechanism, no spare paid for).
   torchrun  `torchrun --standalone --nproc-per-node=1 --max-restarts=3 bench/torchrun_train.py`:
             the same Trainer with torch.save checkpoints every N steps (tmp + fsync + rename) that
             resumes from its checkpoint on start. The benchmark tails the script's step log and
             SIGKILLs the training child by PID half a step-time after it logged step K; the
             elastic agent starts a new process.
 
-Rows (one per contender; with --rounds R each number is the median over R rounds):
+Rows (one per contender; each number is the median over --rounds rounds, with its min and max
+beside it in the table and as NAME_min / NAME_max in --json):
   recovery_s   kill -> the first optimizer step completed after it (Rebound: the first
                `first_step_unix` of an attempt that started after the kill minus the kill's
                `fired_unix`; torchrun: the first step logged by a new PID minus the kill time)
@@ -24,24 +30,29 @@ Rows (one per contender; with --rounds R each number is the median over R rounds
                recovery_s - ready_s is the first step after the restore
   steps_lost   steps the killed process had completed that had to be trained again
                (last step completed before the kill - the step the replacement resumed from)
-  step_s       time of one training step in steady state: torchrun the median gap between
-               consecutive logged steps of one process; Rebound, which keeps no per-step record,
-               the median over its retained checkpoints (the newest 3) of each interval's mean
-               step time (increase of productive_s in the checkpoint metadata / steps)
+  step_s       time of one training step in steady state, measured the same way for all:
+               the median over the run's last two checkpoint intervals of the interval's mean
+               StepResult.seconds (data + forward + backward + optimizer; checkpoints
+               excluded). Rebound: increase of productive_s in the metadata of its newest three
+               checkpoints (kept with --keep 3) / steps; torchrun: the same sums over the step
+               seconds in its log (the surviving execution of each step)
   wall_s       the whole contender run, process start to exit (start-up included)
   summary_recovered_s, summary_lost_steps
                Rebound only: the failure entry of its --summary-json, as a cross-check
-Ratio (higher = Rebound recovers faster; target >= 2):
-  torchrun_vs_rebound_recovery_time = torchrun recovery_s / rebound recovery_s
+Ratios (higher = Rebound recovers faster; target >= 2), each of medians:
+  torchrun_vs_rebound_hot_spare_recovery_time = torchrun recovery_s / rebound_hot_spare recovery_s
+  torchrun_vs_rebound_no_spare_recovery_time  = torchrun recovery_s / rebound_no_spare recovery_s
+--json adds "runs": every contender's numbers per round, state_hash included.
 
-Both contenders reach the same final weights when their resume is exact; the table says whether
-the final state_hash values (DESIGN.md §2) agree. The two run one after the other (never
-together: on a 2-core machine they would slow each other down), in alternating order per round.
+All contenders reach the same final weights when their resume is exact; the table says whether
+the final state_hash values (DESIGN.md §2) agree. They run one after the other (never together:
+on a 2-core machine they would slow each other down), in alternating order per round.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -50,14 +61,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
+from bench._table import print_table, with_spread
 
 if TYPE_CHECKING:
     from storage.store import CheckpointStore
@@ -141,7 +151,7 @@ def _tail(log: Path, lines: int = 25) -> str:
 
 # ---- (a) Rebound --------------------------------------------------------------------------
 
-def run_rebound(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def run_rebound(args: argparse.Namespace, workdir: Path, spares: int) -> dict[str, Any]:
     """One Rebound run with a worker killed as it starts step kill_after + 1; its numbers."""
     from storage import open_store  # the store's reader only; nothing of Prefect/Dask here
 
@@ -150,13 +160,20 @@ def run_rebound(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     kill_step = args.kill_after + 1
     cmd = [sys.executable, "-m", "flows.train", "--no-progress", "--model", args.model,
            "--steps", str(args.steps), "--group-steps", str(args.group_steps),
-           "--ckpt-every", str(args.ckpt_every), "--workers", "1", "--spares", "1",
+           "--ckpt-every", str(args.ckpt_every), "--workers", "1", "--spares", str(spares),
+           "--keep", str(STEP_S_INTERVALS + 1),
            "--threads", str(args.threads), "--chaos", f"kill-worker@{kill_step}",
            "--store", str(store_dir), "--run-id", REBOUND_RUN_ID, "--fresh",
            "--summary-json", str(summary_path), *(["--data", args.data] if args.data else [])]
     started = time.time()
-    with _process(cmd, workdir, "rebound") as proc:
-        _wait(proc, args.timeout, "rebound (python -m flows.train)", workdir / "rebound.out")
+    with _process(cmd, workdir, f"rebound-{spares}-spare") as proc:
+        try:
+            _wait(proc, args.timeout, f"rebound --spares {spares} (python -m flows.train)",
+                  workdir / f"rebound-{spares}-spare.out")
+        except BenchError as err:
+            # The summary's reason says why in one line; the output's tail is mostly its table.
+            reason = json.loads(summary_path.read_text()).get("reason") if summary_path.exists() else None
+            raise BenchError(f"{err}\nreason: {reason}") from None
     wall_s = time.time() - started
 
     summary = json.loads(summary_path.read_text())
@@ -182,7 +199,7 @@ def run_rebound(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "ready_s": float(retry["ready_unix"]) - killed_at,
         # The killed worker had completed kill_after (it died starting the next step).
         "steps_lost": args.kill_after - resumed_from,
-        "step_s": _rebound_step_s(store, summary),
+        "step_s": _rebound_step_s(store),
         "wall_s": wall_s,
         "final_loss": float(summary["train_loss"]),
         "summary_recovered_s": failure.get("recovered_after_s"),
@@ -192,23 +209,32 @@ def run_rebound(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
 
 
-def _rebound_step_s(store: CheckpointStore, summary: dict[str, Any]) -> float:
-    """Median over the checkpoint intervals still in the store of the mean training-step time.
+def _rebound_step_s(store: CheckpointStore) -> float:
+    """Mean training-step time over the last checkpoint intervals (see interval_step_s).
 
-    Rebound records no per-step times where we can read them, but every checkpoint's metadata
-    carries the run's cumulative productive_s (training-step time only, checkpoints excluded):
-    its increase over an interval divided by the steps in it is that interval's mean step time.
-    Falls back to the whole run's productive_s / final_step with fewer than two checkpoints.
+    Every checkpoint's metadata carries the run's cumulative productive_s: the sum of the
+    StepResult.seconds of the steps that survive into it.
     """
     steps = sorted(store.steps(REBOUND_RUN_ID))
     productive = {s: store.read_metadata(REBOUND_RUN_ID, s).get("productive_s") for s in steps}
-    per_step = [(productive[b] - productive[a]) / (b - a)
-                for a, b in zip(steps, steps[1:], strict=False)
-                if productive[a] is not None and productive[b] is not None]
-    if per_step:
-        return statistics.median(per_step)
-    final_step = int(summary["final_step"])
-    return float(summary["productive_s"]) / final_step if final_step else float("nan")
+    return interval_step_s({s: float(v) for s, v in productive.items() if v is not None})
+
+
+STEP_S_INTERVALS = 2
+"""step_s is the median over this many of the newest checkpoint intervals."""
+
+
+def interval_step_s(cumulative_s: dict[int, float]) -> float:
+    """Median over the newest STEP_S_INTERVALS checkpoint intervals of the mean step time.
+
+    cumulative_s maps a checkpoint's step to the training seconds of all steps up to it; an
+    interval's mean step time is the increase over the interval divided by its steps.
+    """
+    steps = sorted(cumulative_s)[-(STEP_S_INTERVALS + 1):]
+    per_step = [(cumulative_s[b] - cumulative_s[a]) / (b - a) for a, b in zip(steps, steps[1:], strict=False)]
+    if not per_step:
+        raise BenchError(f"too few checkpoints ({steps}) to time a step")
+    return statistics.median(per_step)
 
 
 # ---- (b) torchrun -------------------------------------------------------------------------
@@ -218,6 +244,7 @@ class _Step:
     step: int
     unix: float
     pid: int
+    seconds: float
 
 
 def _read_steps(path: Path) -> list[_Step]:
@@ -230,8 +257,8 @@ def _read_steps(path: Path) -> list[_Step]:
     for line in text.splitlines(keepends=True):
         if not line.endswith("\n"):
             break
-        step, unix, pid = line.split()
-        steps.append(_Step(int(step), float(unix), int(pid)))
+        step, unix, pid, seconds = line.split()
+        steps.append(_Step(int(step), float(unix), int(pid), float(seconds)))
     return steps
 
 
@@ -253,6 +280,13 @@ def _median_gap(steps: list[_Step]) -> float:
     if not gaps:
         raise BenchError("torchrun: too few steps logged to time a step")
     return statistics.median(gaps)
+
+
+def _torchrun_step_s(steps: list[_Step], args: argparse.Namespace) -> float:
+    """step_s as Rebound's: cumulative seconds of the surviving steps at each checkpoint step."""
+    surviving = {s.step: s.seconds for s in steps}  # the log is in time order: last run wins
+    ckpts = sorted({*range(args.ckpt_every, args.steps + 1, args.ckpt_every), args.steps})
+    return interval_step_s({c: sum(surviving[i] for i in range(1, c + 1)) for c in ckpts})
 
 
 def _torchrun_cmd() -> list[str]:
@@ -325,7 +359,7 @@ def run_torchrun(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "detected_s": restart - killed_at,
         "ready_s": ready - killed_at,
         "steps_lost": last_done - resumed_from,
-        "step_s": _median_gap(steps),
+        "step_s": _torchrun_step_s(steps, args),
         "wall_s": wall_s,
         "final_loss": float(final["train_loss"]),
         "summary_recovered_s": None,
@@ -337,21 +371,19 @@ def run_torchrun(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 # ---- driver -------------------------------------------------------------------------------
 
-CONTENDERS = {"rebound": run_rebound, "torchrun": run_torchrun}
+CONTENDERS: dict[str, Callable[[argparse.Namespace, Path], dict[str, Any]]] = {
+    "rebound_hot_spare": functools.partial(run_rebound, spares=1),
+    "rebound_no_spare": functools.partial(run_rebound, spares=0),
+    "torchrun": run_torchrun,
+}
 NUMERIC = ("recovery_s", "detected_s", "ready_s", "steps_lost", "step_s", "wall_s", "final_loss",
            "summary_recovered_s", "summary_lost_steps")
-
-
-def _median(values: list[Any]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
 
 
 def _row(method: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     row: dict[str, Any] = {"method": method}
     for key in NUMERIC:
-        value = _median([r[key] for r in runs])
-        row[key] = None if value is None else round(value, 4 if key == "final_loss" else 3)
+        with_spread(row, key, [r[key] for r in runs], 4 if key == "final_loss" else 3)
     return row
 
 
@@ -368,8 +400,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="the kill comes after this step completed: Rebound kill-worker@K+1, "
                         "torchrun half a step after step K (default 35)")
     p.add_argument("--threads", type=int, default=2, help="torch threads, both contenders (default 2)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="repeat both contenders; the table shows medians (default 1)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="repeat every contender, alternating the order; the table shows "
+                        "medians and their range (default 3)")
     p.add_argument("--data", help="corpus, both contenders (default: the stdlib's source)")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds one contender run may take before it is stopped (default 900)")
@@ -406,10 +439,11 @@ def main(argv: list[str] | None = None) -> int:
                           file=sys.stderr)
     rows = [_row(name, runs) for name, runs in results.items()]
     by = {r["method"]: r for r in rows}
-    ratios = {"torchrun_vs_rebound_recovery_time":
-              round(by["torchrun"]["recovery_s"] / by["rebound"]["recovery_s"], 3)}
+    ratios = {f"torchrun_vs_{name}_recovery_time":
+              round(by["torchrun"]["recovery_s"] / by[name]["recovery_s"], 3)
+              for name in ("rebound_hot_spare", "rebound_no_spare")}
     if args.json:
-        print(json.dumps({"rows": rows, "ratios": ratios}))
+        print(json.dumps({"rows": rows, "ratios": ratios, "runs": results}))
         return 0
     _print_table(args, rows, ratios, results)
     return 0
@@ -417,24 +451,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_table(args: argparse.Namespace, rows: list[dict[str, Any]], ratios: dict[str, float],
                  results: dict[str, list[dict[str, Any]]]) -> None:
-    table = Table(title=f"bench.recovery: {args.model}, {args.steps} steps, ckpt every "
-                        f"{args.ckpt_every}, group {args.group_steps}, kill after step "
-                        f"{args.kill_after}, {args.threads} threads, {args.rounds} round(s)")
-    for col in rows[0]:
-        table.add_column(col, justify="left" if col == "method" else "right")
-    for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row.values()))
-    # Wide enough for every column even when the output is a pipe (rich assumes 80 there).
-    console = Console(width=max(Console().width, 150))
-    console.print(table)
-    for name, value in ratios.items():
-        console.print(f"{name} = {value}")
+    print_table(f"bench.recovery: {args.model}, {args.steps} steps, ckpt every "
+                f"{args.ckpt_every}, group {args.group_steps}, kill after step {args.kill_after}, "
+                f"{args.threads} threads, median (min-max) of {args.rounds} round(s)", rows, ratios)
     hashes = {r["state_hash"] for runs in results.values() for r in runs}
-    console.print("final state_hash: " + ("identical in every run" if len(hashes) == 1
-                                          else f"DIFFERS between runs: {sorted(map(str, hashes))}"))
+    print("final state_hash: " + ("identical in every run" if len(hashes) == 1
+                                  else f"DIFFERS between runs: {sorted(map(str, hashes))}"))
 
 
 if __name__ == "__main__":
+    # SIGTERM unwinds like an exception, so the finally blocks stop the contenders' processes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         sys.exit(main())
     except KeyboardInterrupt:

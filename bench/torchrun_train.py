@@ -11,8 +11,9 @@ elastic agent starts a new one, which pays `import torch` and the optimizer's fi
 It writes, under --out:
   ckpt.pt          the checkpoint (tensors of Trainer.capture() and its metadata as JSON text,
                    so it loads with torch.load(weights_only=True): no pickle code runs)
-  steps.log        one line per completed optimizer step: "step unix_time pid", flushed at once
-                   (the benchmark tails it to find when to kill and when training is back)
+  steps.log        one line per completed optimizer step: "step unix_time pid step_seconds",
+                   flushed at once (the benchmark tails it to find when to kill and when training
+                   is back; step_seconds is StepResult.seconds, checkpointing excluded)
   starts.log       one line per process start: "pid start_unix ready_unix resumed_from_step"
                    (start: before `import torch`; ready: model built and checkpoint loaded;
                    resumed_from_step -1 when there was no checkpoint)
@@ -100,9 +101,11 @@ def main(argv: list[str] | None = None) -> int:
 
     loss = float("nan")
     while trainer.step < a.steps:
-        loss = trainer.train_step().loss
+        result = trainer.train_step()
+        loss = result.loss
         # Logged before the checkpoint, like Rebound's first_step_unix: the step is done here.
-        _append_line(out / STEPS_LOG, f"{trainer.step} {time.time():.6f} {pid}")
+        # The step's own seconds too: the same number Rebound sums into productive_s.
+        _append_line(out / STEPS_LOG, f"{trainer.step} {time.time():.6f} {pid} {result.seconds:.6f}")
         if trainer.step % a.ckpt_every == 0 or trainer.step == a.steps:
             save_checkpoint(trainer, out / CKPT_NAME)
 
