@@ -132,8 +132,13 @@ class Staging(Protocol):
         """Make everything written so far durable."""
         ...
 
-    def commit(self, final: str, marker_name: str, marker: bytes) -> bool:
-        """Publish as ``final`` with the commit marker; False when another commit won."""
+    def commit(
+        self, final: str, marker_name: str, marker: bytes, files: Sequence[str] | None = None
+    ) -> bool:
+        """Publish as ``final`` with the commit marker; False when another commit won.
+
+        ``files`` (relative paths) are what a shared staging holds for this checkpoint: other
+        processes wrote most of them, so this handle cannot know them itself."""
         ...
 
     def discard(self) -> None:
@@ -176,5 +181,10 @@ class Backend(Protocol):
     def create_exclusive(self, path: str, data: bytes) -> bool: ...
     def remove_tree(self, path: str) -> None: ...
     def begin_staging(self, parent: str, prefix: str) -> Staging: ...
+    def join_staging(self, parent: str, name: str, exclusive: bool = False) -> Staging:
+        """Open (creating if needed) the staging ``name`` that several writers fill together
+        (sharded saves): files written through it replace any file already at that path.
+        ``exclusive`` (the committer): wait, within a bound, until no other writer is in it."""
+        ...
     def stale_stagings(self, parent: str, prefix: str) -> list[str]: ...
     def durability(self) -> str: ...

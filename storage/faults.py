@@ -5,7 +5,8 @@ Set ``REBOUND_STORAGE_FAULT`` in a writer's environment:
 ``before-commit`` (staging complete, commit not begun), ``before-rename`` (marker written, not
 yet published) or ``after-rename`` (published, parent folder not yet fsynced);
 ``existing-no-marker`` is where a save has just found no commit marker for its step;
-``mid-copy`` (fsspec) is after the first file is copied into the step folder.
+``mid-copy`` (fsspec) is after the first file is copied into the step folder;
+``share-written`` is where a sharded save's rank has written its share, not yet made it durable.
 ``barrier:POINT:DIR:N`` does not kill: it makes N writers meet at POINT (each drops a file in
 DIR and waits for N files) so a race test really races; writers may meet at different points.
 Unset, every point is a dictionary lookup and nothing else.

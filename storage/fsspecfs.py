@@ -56,12 +56,15 @@ class FsspecStaging:
 
     def adopt(self, relpath: str, src: str) -> None:
         self._files.append(relpath)
-        self._b.fs.copy(self._b.p(src), self._b.p(f"{self.path}/{relpath}"))
+        if src != f"{self.path}/{relpath}":  # else: a file already here (shared staging) is kept
+            self._b.fs.copy(self._b.p(src), self._b.p(f"{self.path}/{relpath}"))
 
     def make_durable(self) -> None:
         pass  # a completed put is durable on an object store
 
-    def commit(self, final: str, marker_name: str, marker: bytes) -> bool:
+    def commit(
+        self, final: str, marker_name: str, marker: bytes, files: Sequence[str] | None = None
+    ) -> bool:
         b = self._b
         marker_path = f"{final}/{marker_name}"
         with b.step_lock(final, give_up=lambda: b.exists(marker_path)) as held:
@@ -69,7 +72,7 @@ class FsspecStaging:
                 return False  # another writer committed this step: its files stay untouched
             if b.exists(final):
                 b.remove_tree(final)  # a dead claimer's partial copy: nobody else writes here now
-            for i, rel in enumerate(self._files):
+            for i, rel in enumerate(self._files if files is None else files):
                 b.fs.copy(b.p(f"{self.path}/{rel}"), b.p(f"{final}/{rel}"))
                 if i == 0:
                     faults.point("mid-copy")
@@ -179,6 +182,12 @@ class FsspecBackend:
 
     def begin_staging(self, parent: str, prefix: str) -> FsspecStaging:
         return FsspecStaging(self, f"{parent}/{prefix}{uuid.uuid4().hex}")
+
+    def join_staging(self, parent: str, name: str, exclusive: bool = False) -> FsspecStaging:
+        # Puts replace objects, so a shared prefix needs nothing special; each writer's
+        # ".started" refreshes the age that cleanup goes by. No locks here: two committers of
+        # one session write the same bytes (see storage.shards), and the step claim picks one.
+        return FsspecStaging(self, f"{parent}/{name}")
 
     def stale_stagings(self, parent: str, prefix: str) -> list[str]:
         """Staging prefixes older than the stale age (object stores have no locks)."""

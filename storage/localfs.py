@@ -7,7 +7,9 @@ written and fsynced; then ``rename(staging, <step>)``, which is atomic and fails
 writer already renamed a non-empty folder there (that writer won); then the parent is fsynced.
 
 A live writer holds ``flock`` on its staging folder, so a folder whose lock is free belongs to a
-dead writer: its chunks may be reused by a retry and the folder may be removed.
+dead writer: its chunks may be reused by a retry and the folder may be removed. The ranks of a
+sharded save share one staging folder (``join_staging``): each holds a *shared* flock on it while
+it writes its share, so cleanup (which needs the exclusive lock) leaves it alone meanwhile.
 
 The rename, and any removal of a step folder by a writer, happen under ``flock`` on the ckpt
 folder itself (``step_lock``): a writer that finds a step folder without a marker, or a corrupt
@@ -18,6 +20,7 @@ run survives a power loss too.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -87,21 +90,43 @@ def _write_all(fd: int, data: memoryview) -> int:
 
 
 class LocalStaging:
-    """A staging folder owned (flock) by this writer."""
+    """A staging folder owned (flock) by this writer, or shared by the writers of one sharded save."""
 
     def __init__(
         self, path: str, durability: str, resolve: Callable[[str], str],
-        lock: Callable[[str], AbstractContextManager[bool]],
+        lock: Callable[[str], AbstractContextManager[bool]], shared: bool = False,
+        exclusive: bool = False,
     ) -> None:
         self.path = path
         self._resolve = resolve  # store-relative path -> absolute path
         self._lock_step = lock
         self._durability = durability
-        os.makedirs(path)
+        self._shared = shared
+        os.makedirs(path, exist_ok=shared)
         self._dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        fcntl.flock(self._dir_fd, fcntl.LOCK_EX)
+        if shared and exclusive:
+            self._lock_alone()
+        else:
+            fcntl.flock(self._dir_fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         self._dirs: set[str] = {path}
         self._lock = threading.Lock()  # several I/O threads write into one staging
+
+    def _lock_alone(self, timeout: timedelta = timedelta(seconds=60)) -> None:
+        """The committer of a shared staging waits until no share writer is inside, and keeps
+        the next committer of the same session out until it has published (or given up)."""
+        deadline = time.monotonic() + timeout.total_seconds()
+        delay_s = 0.001
+        while True:
+            try:
+                fcntl.flock(self._dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            if time.monotonic() > deadline:
+                self._release()
+                raise OSError(errno.EBUSY, f"{self.path}: another writer keeps using this staging area")
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, 0.05)
 
     def _prepare(self, relpath: str) -> str:
         full = os.path.join(self.path, relpath)
@@ -123,12 +148,20 @@ class LocalStaging:
         elif self._durability == "syncfs":
             _start_writeback(fd)
 
+    def _create(self, full: str) -> int:
+        if self._shared:
+            # A writer of an earlier attempt of this session may have left a file here (its
+            # hash did not match, or it is the committer's manifest/marker): replace it.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(full)
+        return os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
     def write_chunk(
         self, relpath: str, data: memoryview, pad: int,
         hashers: Sequence[Hasher], data_hashers: Sequence[Hasher],
     ) -> int:
         full = self._prepare(relpath)
-        fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fd = self._create(full)
         try:
             n = write_blocks(lambda b: _write_all(fd, b), data, pad, hashers, data_hashers)
             self._finish_file(fd)
@@ -141,7 +174,8 @@ class LocalStaging:
 
     def adopt(self, relpath: str, src: str) -> None:
         full = self._prepare(relpath)
-        os.link(self._resolve(src), full)  # same filesystem: a hard link moves no bytes
+        if self._resolve(src) != full:  # else: a file already here (shared staging) is kept
+            os.link(self._resolve(src), full)  # same filesystem: a hard link moves no bytes
         if self._durability == "fsync":  # its writer may have died before syncing it
             fd = os.open(full, os.O_RDONLY)
             try:
@@ -157,12 +191,14 @@ class LocalStaging:
             for d in sorted(self._dirs, key=len, reverse=True):
                 _fsync_dir(d)
 
-    def commit(self, final: str, marker_name: str, marker: bytes) -> bool:
+    def commit(
+        self, final: str, marker_name: str, marker: bytes, files: Sequence[str] | None = None
+    ) -> bool:
         from storage import faults
 
         lock = self._lock_step(final)
         final = self._resolve(final)
-        fd = os.open(os.path.join(self.path, marker_name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = self._create(os.path.join(self.path, marker_name))
         try:
             write_blocks(lambda b: _write_all(fd, b), memoryview(marker), 0, (), ())
             if self._durability != "none":
@@ -363,6 +399,13 @@ class LocalBackend:
         path = os.path.join(self._p(parent), f"{prefix}{uuid.uuid4().hex}")
         self._makedirs(self._p(parent))
         return LocalStaging(path, self._durability, self._p, self.step_lock)
+
+    def join_staging(self, parent: str, name: str, exclusive: bool = False) -> LocalStaging:
+        self._makedirs(self._p(parent))
+        return LocalStaging(
+            os.path.join(self._p(parent), name), self._durability, self._p, self.step_lock,
+            shared=True, exclusive=exclusive,
+        )
 
     def stale_stagings(self, parent: str, prefix: str) -> list[str]:
         """Staging folders under ``parent`` whose writer is gone (lock free, older than grace)."""

@@ -20,7 +20,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from storage import faults
-from storage.backend import Backend
+from storage.backend import Backend, Staging
 from storage.checks import check_structure, scan
 from storage.errors import (
     CheckpointNotFoundError,
@@ -35,6 +35,7 @@ from storage.names import parse_step_dirname, step_dirname, validate_doc_name, v
 from storage.reader import VerifyReport, load_tensors, open_manifest
 from storage.refs import CheckpointRef
 from storage.retention import steps_to_delete
+from storage.sharded import ShardedSaves
 from storage.writer import STAGING_PREFIX, SaveStats, check_inputs, staging_prefix, write_staging
 
 log = logging.getLogger("storage")
@@ -73,8 +74,11 @@ class LoadedCheckpoint:
     ref: CheckpointRef
 
 
-class CheckpointStore:
-    """Verified Zarr v3 checkpoints of training runs, on a local folder or an fsspec URL."""
+class CheckpointStore(ShardedSaves):
+    """Verified Zarr v3 checkpoints of training runs, on a local folder or an fsspec URL.
+
+    Sharded saves (several ranks, one checkpoint): ``plan_shards``, ``write_share`` and
+    ``commit_shares``, from ``storage.sharded``."""
 
     def __init__(self, backend: Backend, config: StoreConfig | None = None) -> None:
         self.backend = backend
@@ -182,10 +186,17 @@ class CheckpointStore:
         except Exception:
             staging.discard()
             raise
+        return self._published(run_id, step, staging, won, staged.manifest_hash, stats, t0)
+
+    def _published(
+        self, run_id: str, step: int, staging: Staging, won: bool, manifest_hash: str,
+        stats: SaveStats, t0: float,
+    ) -> CheckpointRef:
+        """The ref after a commit attempt: ours when it won, else the winner's once verified."""
         stats.seconds = time.perf_counter() - t0
         if won:
             stats.outcome = "committed"
-            return CheckpointRef(run_id, step, staged.manifest_hash)
+            return CheckpointRef(run_id, step, manifest_hash)
         staging.discard()
         stats.outcome = "lost-race"
         report = self.verify(run_id, step)
