@@ -98,3 +98,12 @@ def count_workers(address: str, wanted: int, timeout: timedelta) -> int | None:
         except TimeoutError:
             pass
         return len(client.scheduler_info(n_workers=-1)["workers"])
+
+
+def running_workers(client: Client) -> set[str]:
+    """Addresses of the scheduler's workers that can take a task now (empty when unknown)."""
+    try:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+    except Exception:  # noqa: BLE001 - unreachable: the caller's watcher reports a lost cluster
+        return set()
+    return {addr for addr, info in workers.items() if info.get("status", "running") == "running"}

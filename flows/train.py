@@ -23,7 +23,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect_dask import DaskTaskRunner  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from flows.cluster import cuda_available, local_cluster  # noqa: E402
+from flows.cluster import cuda_available, local_cluster, running_workers  # noqa: E402
 from flows.failures import collect_failures, committed_steps, run_attempts  # noqa: E402
 from flows.group_submit import submit_supervised  # noqa: E402
 from flows.params import TrainParams  # noqa: E402
@@ -80,13 +80,24 @@ def _say(message: str, style: str | None = None) -> None:
     console.print(message, style=style, soft_wrap=True, markup=False, highlight=False)
 
 
-def _placement(use_gpu: bool, worker: str | None) -> dict[str, Any]:
+def _placement(use_gpu: bool, warm_worker: str | None,
+               watch: ClusterWatch) -> contextlib.AbstractContextManager:
+    """Dask annotations for the next task: the warm worker (whose memory holds the run's state)
+    only as a preference the scheduler can drop at once.
+
+    Dask keeps a task restricted to a worker that is gone in 'no-worker' when no other worker
+    is running at that moment, even with allow_other_workers, and never gives it to a worker
+    that joins later (distributed#7346, #8600): it would wait for the stranded-task watcher.
+    So the warm worker is named only while it is running and another running worker can take
+    over; otherwise nothing is pinned, and whichever worker runs the group loads the newest
+    verified checkpoint from the store.
+    """
     placement: dict[str, Any] = {"resources": {"GPU": 1}} if use_gpu else {}
-    if worker:
-        # Keep the run on the worker whose memory already holds its state (warm cache);
-        # any other worker may take it when that one is gone.
-        placement.update(workers=[worker], allow_other_workers=True)
-    return placement
+    if warm_worker:
+        running = running_workers(watch.client)
+        if warm_worker in running and len(running) > 1:
+            placement.update(workers=[warm_worker], allow_other_workers=True)
+    return dask.annotate(**placement)
 
 
 @flow(name="rebound-epoch", log_prints=False, retries=1, validate_parameters=False)
@@ -117,7 +128,7 @@ def train_epoch(plan: RunPlan, params: TrainParams, groups: list[Group], start_r
                        protect, deadline_unix)
         result = submit_supervised(
             lambda job=job: task.submit(job),
-            lambda pinned, w=last_worker: dask.annotate(**_placement(use_gpu, w if pinned else None)),
+            lambda pinned, w=last_worker: _placement(use_gpu, w if pinned else None, watch),
             watch, dog, f"steps {group.first_step}-{group.last_step}", params.retries,
             on_infra)
         out["ref"], last_worker = result["ref"], result.get("worker")
@@ -138,7 +149,7 @@ def train_epoch(plan: RunPlan, params: TrainParams, groups: list[Group], start_r
             try:
                 return submit_supervised(
                     lambda ref=ref: evaluate.submit(plan.run, ref),
-                    lambda pinned, w=last_worker: dask.annotate(**_placement(use_gpu, w if pinned else None)),
+                    lambda pinned, w=last_worker: _placement(use_gpu, w if pinned else None, watch),
                     watch, dog, f"evaluation at step {group.last_step}", params.retries,
                     on_infra)
             except CorruptCheckpointError as err:
