@@ -64,3 +64,9 @@ def reference(prefect_api: str, reference_store: Path, corpus: Path) -> dict[str
                             str(summary_path)))
     assert done.returncode == 0, done.stderr[-3000:]
     return read_summary(summary_path)
+
+
+# Issue 7 (16): a dependency outside the tested ranges fails the suite at once, naming it.
+from flows.versions import check_versions  # noqa: E402
+
+check_versions()
