@@ -14,6 +14,7 @@ from storage.errors import (
 from storage.hashing import state_hash
 from storage.reader import VerifyReport
 from storage.refs import CheckpointRef
+from storage.shards import ShareError, ShareReceipt, plan_shards
 from storage.store import CheckpointStore, LoadedCheckpoint, StoreConfig, open_store
 from storage.writer import SaveStats
 
@@ -25,11 +26,14 @@ __all__ = [
     "FatalStoreError",
     "LoadedCheckpoint",
     "SaveStats",
+    "ShareError",
+    "ShareReceipt",
     "StoreConfig",
     "StoreError",
     "TransientStoreError",
     "VerifyReport",
     "classify_os_error",
     "open_store",
+    "plan_shards",
     "state_hash",
 ]

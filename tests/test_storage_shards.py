@@ -187,7 +187,9 @@ def test_bad_receipts_are_refused_and_commit_nothing(tmp_path: Path) -> None:
     good = [store.write_share(RUN, step, state, session="s", rank=r, world_size=3) for r in range(3)]
     other_plan = store.write_share(RUN, step, state, session="s", rank=1, world_size=2)
     forged = dataclasses.replace(good[1], files=good[1].files[1:])
-    drifted = dataclasses.replace(good[2], state_hash="0" * 32)
+    # A rank whose state differs (here: it says so through the caller-supplied hash).
+    drifted = store.write_share(RUN, step, state, session="s", rank=2, world_size=3, state_hash="0" * 32)
+    assert drifted.files == good[2].files and drifted.chunks_reused == good[2].chunks_written
     cases = {
         r"missing share\(s\) of rank\(s\) \[2\] of 3": good[:2],
         r"share of rank\(s\) \[1\] given twice": [*good, good[1]],
