@@ -228,6 +228,11 @@ class LocalStaging:
             self._dir_fd = -1
 
     def abandon(self) -> None:
+        if self._shared and self._dir_fd >= 0:
+            # Cleanup spares an unlocked area younger than staging_grace: count that from when
+            # the last share writer left, so the committer has the grace to gather receipts.
+            with contextlib.suppress(OSError):
+                os.utime(self._dir_fd)
         self._release()
 
     def discard(self) -> None:

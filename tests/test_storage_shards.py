@@ -360,6 +360,25 @@ def test_commit_waits_for_a_writer_still_in_the_area(tmp_path: Path) -> None:
     assert store.steps(RUN) == [9] and store.verify(RUN, 9).ok
 
 
+def test_cleanup_spares_an_area_whose_last_writer_just_left(tmp_path: Path) -> None:
+    """An area stays unlocked between the last share and the commit; the cleanup grace runs
+    from when the last writer left, not from when the area was made."""
+    from datetime import timedelta
+
+    from storage import open_store
+
+    root = tmp_path / "store"
+    store = open_store(str(root), chunk_bytes=SMALL_CHUNK, staging_grace=timedelta(seconds=60))
+    state = numpy_state(2)
+    r0 = store.write_share(RUN, 1, state, session="c", rank=0, world_size=2)
+    area = root / RUN / "ckpt" / f".staging-{1:012d}-c"
+    os.utime(area, (1e9, 1e9))  # made long ago (rank 1 was slow)
+    r1 = store.write_share(RUN, 1, state, session="c", rank=1, world_size=2)
+    assert store.clean_staging(RUN) == []
+    store.commit_shares(RUN, 1, [r0, r1], {}, session="c")
+    assert store.verify(RUN, 1).ok
+
+
 def _main(argv: list[str]) -> int:
     sys.path.insert(0, str(ROOT))
     store_url, run, step, seed, session, rank, world = argv
