@@ -42,7 +42,9 @@ beside it in the table and as NAME_min / NAME_max in --json):
 Ratios (higher = Rebound recovers faster; target >= 2), each of medians:
   torchrun_vs_rebound_hot_spare_recovery_time = torchrun recovery_s / rebound_hot_spare recovery_s
   torchrun_vs_rebound_no_spare_recovery_time  = torchrun recovery_s / rebound_no_spare recovery_s
---json adds "runs": every contender's numbers per round, state_hash included.
+  failed_runs  rounds of this contender that did not complete (their numbers are left out of
+               the medians; the exit status is then 1, after the table)
+--json adds "runs": every contender's numbers per round, state_hash and status included.
 
 All contenders reach the same final weights when their resume is exact; the table says whether
 the final state_hash values (DESIGN.md §2) agree. They run one after the other (never together:
@@ -384,6 +386,7 @@ def _row(method: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     row: dict[str, Any] = {"method": method}
     for key in NUMERIC:
         with_spread(row, key, [r[key] for r in runs], 4 if key == "final_loss" else 3)
+    row["failed_runs"] = sum(str(r["status"]).startswith("failed") for r in runs)
     return row
 
 
@@ -430,8 +433,12 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     results[name].append(CONTENDERS[name](args, workdir))
                 except BenchError as e:
-                    print(f"bench.recovery: {e}", file=sys.stderr)
-                    return 1
+                    # Kept as a failed round: the other contenders' numbers still count, and the
+                    # table says how many rounds of this one failed.
+                    print(f"bench.recovery: round {round_no + 1} {name}: {e}", file=sys.stderr)
+                    results[name].append({**dict.fromkeys(NUMERIC), "state_hash": None,
+                                          "status": f"failed: {str(e).splitlines()[-1]}"})
+                    continue
                 if not args.json:
                     r = results[name][-1]
                     print(f"round {round_no + 1}/{args.rounds} {name}: recovery "
@@ -439,14 +446,17 @@ def main(argv: list[str] | None = None) -> int:
                           file=sys.stderr)
     rows = [_row(name, runs) for name, runs in results.items()]
     by = {r["method"]: r for r in rows}
+    # A ratio needs both medians: one is left out when every round of its contender failed.
     ratios = {f"torchrun_vs_{name}_recovery_time":
               round(by["torchrun"]["recovery_s"] / by[name]["recovery_s"], 3)
-              for name in ("rebound_hot_spare", "rebound_no_spare")}
+              for name in ("rebound_hot_spare", "rebound_no_spare")
+              if by["torchrun"]["recovery_s"] and by[name]["recovery_s"]}
+    failed = sum(r["failed_runs"] for r in rows)
     if args.json:
         print(json.dumps({"rows": rows, "ratios": ratios, "runs": results}))
-        return 0
-    _print_table(args, rows, ratios, results)
-    return 0
+    else:
+        _print_table(args, rows, ratios, results)
+    return 1 if failed else 0
 
 
 def _print_table(args: argparse.Namespace, rows: list[dict[str, Any]], ratios: dict[str, float],
@@ -454,7 +464,11 @@ def _print_table(args: argparse.Namespace, rows: list[dict[str, Any]], ratios: d
     print_table(f"bench.recovery: {args.model}, {args.steps} steps, ckpt every "
                 f"{args.ckpt_every}, group {args.group_steps}, kill after step {args.kill_after}, "
                 f"{args.threads} threads, median (min-max) of {args.rounds} round(s)", rows, ratios)
-    hashes = {r["state_hash"] for runs in results.values() for r in runs}
+    hashes = {r["state_hash"] for runs in results.values() for r in runs if r["state_hash"]}
+    for name, runs in results.items():
+        for i, r in enumerate(runs):
+            if str(r["status"]).startswith("failed"):
+                print(f"{name} round {i + 1} {r['status']}")
     print("final state_hash: " + ("identical in every run" if len(hashes) == 1
                                   else f"DIFFERS between runs: {sorted(map(str, hashes))}"))
 

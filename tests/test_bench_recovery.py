@@ -63,7 +63,7 @@ def test_recovery_bench_json(prefect_api: str) -> None:
         # At most one checkpoint interval is redone, and the run finished all its steps.
         assert 0 <= row["steps_lost"] <= ckpt_every, method
         assert 0 < row["step_s"] and row["step_s"] * steps < row["wall_s"], method
-        assert run["status"] == "completed", method
+        assert run["status"] == "completed" and row["failed_runs"] == 0, method
     for method in ("rebound_hot_spare", "rebound_no_spare"):
         # Killed starting step 5, the newest checkpoint is 3: step 4 is redone.
         assert rows[method]["steps_lost"] == kill_after - (kill_after // ckpt_every) * ckpt_every
