@@ -72,8 +72,7 @@ def _final_checkpoint(store: Any, run_id: str) -> Any:
     return None
 
 
-def build_summary(tally: RunTally, status: str, reason: str | None, wall_s: float,
-                  breakdown: dict[str, float] | None = None) -> dict[str, Any]:
+def build_summary(tally: RunTally, status: str, reason: str | None, wall_s: float) -> dict[str, Any]:
     """The summary JSON of DESIGN.md section 4, from the newest verified checkpoint in the store."""
     store = open_store(tally.store_url)
     final_step, final_ckpt, state_hash, train_loss, productive = 0, "", "", float("nan"), 0.0
@@ -100,8 +99,6 @@ def build_summary(tally: RunTally, status: str, reason: str | None, wall_s: floa
         "checkpoint_stall_s": round(tally.checkpoint_stall_s, 3),
         "failures": tally.failures,
     }
-    if breakdown is not None:
-        summary["wall_breakdown"] = {k: round(v, 3) for k, v in breakdown.items()}
     return summary
 
 

@@ -14,7 +14,7 @@ if __name__ == "__main__":
 
 import contextlib  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
 import dask  # noqa: E402
@@ -248,12 +248,19 @@ def _train_epochs(plan: RunPlan, params: TrainParams, tally: RunTally, started: 
                         # Failed past the group's retries and the epoch's retry.
                         return "failed", f"{type(err).__name__}: {_first_line(err)}"
                     # An epoch that could not even start its task runner: a lost cluster.
-                    return "failed", (f"Dask scheduler {address} unreachable (cluster lost): "
-                                      f"{type(err).__name__}: {_first_line(err)}")
+                    reason = (f"Dask scheduler {address} unreachable (cluster lost): "
+                              f"{type(err).__name__}: {_first_line(err)}")
+                    tally.errors.append({"kind": "cluster-lost", "unix": time.time(),
+                                         "reason": reason})
+                    return "failed", reason
                 ref = CheckpointRef.from_dict(out["ref"]) if out["ref"] else ref
-                for key in ("fatal", "infra_error"):
-                    if out[key]:
-                        return "failed", out[key]
+                if out["fatal"]:
+                    return "failed", out["fatal"]
+                if out["infra_error"]:
+                    lost_all = any(w in out["infra_error"] for w in ("unreachable", "every Dask"))
+                    tally.errors.append({"kind": "cluster-lost" if lost_all else "worker-lost",
+                                         "unix": time.time(), "reason": out["infra_error"]})
+                    return "failed", out["infra_error"]
                 if out["stopped"]:
                     return "stopped", out["stopped"]
         finally:
@@ -267,11 +274,10 @@ def _train_epochs(plan: RunPlan, params: TrainParams, tally: RunTally, started: 
     return "completed", None
 
 
-def _tell_the_truth(tally: RunTally, started: float) -> dict[str, float]:
+def _tell_the_truth(tally: RunTally, started: float, ended: float) -> Callable[[float], dict]:
     """Rebuild from the store what this invocation did (it survives any failure); returns the
-    wall-time breakdown."""
+    wall-time breakdown, given the seconds of training that survive into the final model."""
     store = open_store(tally.store_url)
-    ended = time.time()
     try:
         attempts = run_attempts(store, tally.run_id, started)
     except StoreError:
@@ -289,20 +295,14 @@ def _tell_the_truth(tally: RunTally, started: float) -> dict[str, float]:
     totals = dict(tally.attempt_totals) | tally.group_totals
     trained_s = sum(t for t, _ in totals.values())
     tally.checkpoint_stall_s = sum(c for _, c in totals.values())
-    latest = store.steps(tally.run_id)
-    productive = 0.0
-    for step in reversed(latest):
-        try:
-            meta = store.read_metadata(tally.run_id, step)
-        except StoreError:
-            continue
-        productive = max(0.0, float(meta.get("productive_s", 0.0)) - tally.resumed_productive_s)
-        break
+    # A rot injected after a commit costs nothing until it is found: its "corrupt-checkpoint"
+    # finding (and the retraining) is where the time goes.
     recovery = [(f.failed_unix, f.ready_unix or ended) for f in failures
-                if f.entry["kind"] not in ("corrupt-latest",)]
+                if f.entry["kind"] != "corrupt-latest"]
     first_ready = min((a["ready_unix"] for a in attempts), default=None)
-    return wall_breakdown((started, ended), first_ready, productive, trained_s,
-                          tally.checkpoint_stall_s, tally.eval_windows, recovery)
+    return lambda productive_s: wall_breakdown(
+        (started, ended), first_ready, productive_s, trained_s, tally.checkpoint_stall_s,
+        tally.eval_windows, recovery)
 
 
 @flow(name="rebound-train", log_prints=False)
@@ -327,8 +327,11 @@ def train(params: TrainParams) -> dict[str, Any]:
         status, reason = "failed", str(err)
     except Exception as err:  # noqa: BLE001 - every failure still ends with a true summary
         status, reason = "failed", f"{type(err).__name__}: {_first_line(err)}"
-    breakdown = _tell_the_truth(tally, started)
-    summary = build_summary(tally, status, reason, time.time() - started, breakdown)
+    ended = time.time()
+    breakdown = _tell_the_truth(tally, started, ended)
+    summary = build_summary(tally, status, reason, ended - started)
+    summary["wall_breakdown"] = {k: round(v, 3) for k, v in
+                                 breakdown(summary["productive_s"]).items()}
     create_markdown_artifact(summary_markdown(summary, tally), key="rebound-summary",
                              description=f"Rebound run {plan.run.run_id}")
     if status == "failed":
