@@ -75,3 +75,33 @@ def run_rank(rdv: dict[str, Any], rank: int, folder: str, plan: dict[str, Any], 
         result["from_last"] = group.broadcast_json({"chosen": rank}, src=group.world_size - 1)
     group.close()
     out.put(result)
+
+
+def serve_jobs(folder: str, store: str, jobs, out) -> None:
+    """A stand-in for a Dask worker process: runs rank jobs from `jobs` one after another in
+    this one process (so warm state carries over), results or errors onto `out`."""
+    from tasks.jobs import GroupJob, RunSpec
+    from tasks.rank_runner import PeerLost, RankJob, run_rank
+
+    corpus_path = Path(folder) / "short.txt"
+    short_corpus(folder)
+    run = RunSpec("dp", store, _train_config(), str(corpus_path), "cfg")
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        rdv, rank, first, last, chaos = job
+        try:
+            result = run_rank(RankJob(GroupJob(run, first, last, 5), rank, rdv["world_size"], rdv,
+                                      tuple(tuple(c) for c in chaos)))
+            out.put(("ok", rank, result.to_dict()))
+        except PeerLost as err:
+            out.put(("peer-lost", rank, {"step": err.step, "reason": err.reason}))
+        except Exception as err:  # noqa: BLE001 - reported to the test as data
+            out.put(("error", rank, {"error": f"{type(err).__name__}: {err}"}))
+
+
+def _train_config() -> dict[str, Any]:
+    from training.config import TrainConfig
+
+    return TrainConfig(model="tiny", steps=40, torch_threads=1).to_dict()

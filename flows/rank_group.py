@@ -1,0 +1,262 @@
+"""A data-parallel batch group: N rank tasks on N workers, re-formed when a rank is lost.
+
+The flow keeps the membership (which worker holds which rank) and the rendezvous (a TCPStore in
+this process, so it survives any worker). A group is N Prefect tasks pinned one per worker. When
+one fails — its process killed, its worker lost, its collective timed out, its task raised — the
+others fail their next collective and keep their state at the last completed step (PeerLost).
+The flow then takes the lost worker out, fills the rank from the spares (or the restarted
+worker), hands out a new namespace and submits the group again: the newcomer receives the
+survivors' state over the new process group, and the store is read only when no live rank holds
+state at or after the newest checkpoint (tasks/rank_runner.py decides that, on every rank alike).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from flows.supervise import ClusterWatch, InfrastructureError, Watchdog
+from tasks.jobs import GroupJob
+from tasks.rank_runner import PeerLost, RankJob, RanksDisagree
+from training.distributed import RendezvousServer
+
+HANG_GRACE = timedelta(seconds=3)
+"""After a peer reported a failed collective, a rank still silent this much past the collective
+timeout is taken for hung: its worker is restarted."""
+
+
+@dataclass
+class RankFailure:
+    """One failure of a data-parallel group, as the summary reports it (DESIGN.md section 4)."""
+
+    kind: str
+    step: int
+    """The step in flight when it struck."""
+    worker: str | None
+    failed_unix: float
+    detected_unix: float
+    lost_steps: int = 0
+    restored_from: str | None = None
+    recovered_unix: float | None = None
+    reason: str = ""
+
+    def entry(self) -> dict[str, Any]:
+        return {"kind": self.kind, "step": self.step, "worker": self.worker,
+                "detected_after_s": round(max(0.0, self.detected_unix - self.failed_unix), 3),
+                "recovered_after_s": round(max(0.0, (self.recovered_unix or self.detected_unix)
+                                               - self.failed_unix), 3),
+                "lost_steps": self.lost_steps, "restored_from": self.restored_from}
+
+
+@dataclass
+class _Attempt:
+    results: dict[int, dict[str, Any]] = field(default_factory=dict)
+    peer_lost: dict[int, PeerLost] = field(default_factory=dict)
+    errors: dict[int, BaseException] = field(default_factory=dict)
+    lost_workers: dict[str, str] = field(default_factory=dict)
+    """worker -> why it is out (killed, hung, unhealthy)."""
+    first_failure_unix: float | None = None
+    failed_unix: float | None = None
+
+
+class DataParallelGroups:
+    """Runs batch groups on `world_size` ranks, keeping the membership between groups."""
+
+    def __init__(self, watch: ClusterWatch, server: RendezvousServer, run_id: str,
+                 world_size: int, collective_timeout: timedelta, dog: Watchdog,
+                 budget: int, chaos_for_rank: Callable[[int], tuple[tuple[str, int], ...]],
+                 on_event: Callable[[str], None]) -> None:
+        self.watch = watch
+        self.server = server
+        self.run_id = run_id
+        self.world_size = world_size
+        self.collective_timeout = collective_timeout
+        self.dog = dog
+        self.budget = budget
+        self.chaos_for_rank = chaos_for_rank
+        self.say = on_event
+        self.members: list[str] = []
+        self.number = 0
+        # Namespaces (and staging sessions) of this coordinator never collide with a dead one's.
+        self.token = uuid.uuid4().hex[:8]
+        self.rendezvous = None
+        self.failures: list[RankFailure] = []
+        self.out_of_service: set[str] = set()
+
+    # -- membership ---------------------------------------------------------------------------
+
+    def _alive(self) -> list[str]:
+        try:
+            info = self.watch.client.scheduler_info(n_workers=-1)
+        except Exception:  # noqa: BLE001 - the supervisor's scheduler checks report it
+            return []
+        quarantined = {q["worker"] for q in self.watch.quarantined}
+        return sorted(w for w in info.get("workers", {})
+                      if w not in quarantined and w not in self.out_of_service)
+
+    def spares(self) -> list[str]:
+        """Workers that hold no rank now."""
+        return [w for w in self._alive() if w not in self.members]
+
+    def _form(self) -> None:
+        deadline = time.monotonic() + self.dog.no_worker_timeout.total_seconds()
+        while True:
+            alive = self._alive()
+            keep = [w if w in alive else None for w in self.members] or [None] * self.world_size
+            free = [w for w in alive if w not in keep]
+            if keep.count(None) <= len(free):
+                break
+            if time.monotonic() > deadline:
+                raise InfrastructureError(
+                    f"--workers {self.world_size} needs {self.world_size} Dask workers, found "
+                    f"{len(alive)} for {self.dog.no_worker_timeout.total_seconds():.0f} s")
+            time.sleep(0.2)
+        members = [w if w is not None else free.pop(0) for w in keep]
+        if members != self.members or self.rendezvous is None:
+            self.members = members
+            self.number += 1
+            self.rendezvous = self.server.rendezvous(
+                f"{self.token}-m{self.number}", self.world_size, self.collective_timeout)
+
+    # -- one group ----------------------------------------------------------------------------
+
+    def run(self, job: GroupJob, submit: Callable[[RankJob, str], Any],
+            mark_crashed: Callable[[Any, str], None]) -> dict[str, Any]:
+        """Train the group on the ranks; re-form and resubmit after failures, up to budget.
+
+        Returns the group's result in the shape of `tasks.jobs.GroupResult.to_dict()`.
+        """
+        tries = 0
+        pending: list[RankFailure] = []
+        while True:
+            self._form()
+            futures = {r: submit(RankJob(job, r, self.world_size, self.rendezvous.to_dict(),
+                                         self.chaos_for_rank(r)), self.members[r])
+                       for r in range(self.world_size)}
+            attempt = self._wait(futures, mark_crashed)
+            if len(attempt.results) == self.world_size:
+                result = self._combine(attempt.results)
+                for failure in pending:
+                    failure.restored_from = result["restored_from"]
+                    failure.recovered_unix = result["first_step_unix"] or time.time()
+                    failure.lost_steps = max(0, failure.step - result["start_step"])
+                    if result["restored_from"] in ("peer", "warm"):
+                        failure.lost_steps = min(failure.lost_steps, 1)
+                    self.failures.append(failure)
+                return result
+            failure = self._diagnose(attempt)
+            pending.append(failure)
+            self.say(f"rank lost: {failure.kind} at step {failure.step} on {failure.worker}: "
+                     f"{failure.reason}; re-forming the group")
+            for worker, why in attempt.lost_workers.items():
+                if why == "hung":
+                    self.watch.restart_worker(worker)
+                self.out_of_service.add(worker)
+            tries += 1
+            if tries > self.budget:
+                self.failures.extend(pending)
+                raise InfrastructureError(
+                    f"steps {job.first_step}-{job.last_step}: the group failed {tries} times; "
+                    f"last: {failure.kind}: {failure.reason}")
+            self.watch.touch()
+
+    def _wait(self, futures: dict[int, Any], mark_crashed: Callable[[Any, str], None]) -> _Attempt:
+        attempt = _Attempt()
+        losses_seen = len(self.watch.losses)
+        open_ranks = set(futures)
+        self.watch.touch()
+        while open_ranks:
+            time.sleep(self.dog.poll.total_seconds())
+            if not self.watch.scheduler_reachable():
+                self.watch.ensure_scheduler(self.dog.scheduler_timeout, "a data-parallel group")
+            now = time.time()
+            for rank in sorted(open_ranks):
+                f = futures[rank].wrapped_future
+                if f.status == "finished":
+                    attempt.results[rank] = futures[rank].result()
+                    open_ranks.discard(rank)
+                elif f.status in ("error", "cancelled"):
+                    try:
+                        err = f.exception(timeout=5)
+                    except Exception as exc:  # noqa: BLE001 - cancelled / lost with its worker
+                        err = exc
+                    attempt.first_failure_unix = attempt.first_failure_unix or now
+                    if isinstance(err, PeerLost):
+                        attempt.peer_lost[rank] = err
+                    else:
+                        attempt.errors[rank] = err
+                    open_ranks.discard(rank)
+            # A member's worker removed by the scheduler: its rank will never report.
+            for loss in self.watch.losses[losses_seen:]:
+                for rank in sorted(open_ranks):
+                    if self.members[rank] == loss.worker:
+                        attempt.lost_workers[loss.worker] = "killed"
+                        attempt.failed_unix = loss.last_seen_unix or loss.removed_unix
+                        attempt.first_failure_unix = attempt.first_failure_unix or now
+                        open_ranks.discard(rank)
+            losses_seen = len(self.watch.losses)
+            # Peers gave up on a collective while this rank stays silent: it hangs.
+            if attempt.first_failure_unix is not None and open_ranks and attempt.peer_lost:
+                late = now - attempt.first_failure_unix
+                if late > (self.collective_timeout + HANG_GRACE).total_seconds():
+                    for rank in sorted(open_ranks):
+                        attempt.lost_workers[self.members[rank]] = "hung"
+                        open_ranks.discard(rank)
+            if self.watch.silence_s() > self.dog.hang_timeout.total_seconds() and open_ranks:
+                for rank in sorted(open_ranks):
+                    attempt.lost_workers[self.members[rank]] = "hung"
+                    open_ranks.discard(rank)
+                attempt.first_failure_unix = attempt.first_failure_unix or now
+        for rank, fut in futures.items():
+            if rank not in attempt.results:
+                fut.wrapped_future.cancel()
+                try:
+                    mark_crashed(fut.task_run_id, "data-parallel group re-formed")
+                except Exception:  # noqa: BLE001 - the UI fix is best-effort
+                    pass
+        return attempt
+
+    def _diagnose(self, attempt: _Attempt) -> RankFailure:
+        detected = attempt.first_failure_unix or time.time()
+        step = max([p.step + 1 for p in attempt.peer_lost.values()] or [0])
+        if attempt.lost_workers:
+            worker, why = next(iter(attempt.lost_workers.items()))
+            kind = "hang" if why == "hung" else "worker-lost"
+            failed = attempt.failed_unix or detected
+            if why == "hung":
+                failed = detected - self.collective_timeout.total_seconds()
+            return RankFailure(kind, step, worker, failed, detected, reason=why)
+        for rank, err in attempt.errors.items():
+            kind = "sdc" if isinstance(err, RanksDisagree) else "task-error"
+            if isinstance(err, RanksDisagree):
+                step = err.step
+            return RankFailure(kind, step, self.members[rank], detected, detected,
+                               reason=f"{type(err).__name__}: {str(err).splitlines()[0]}")
+        return RankFailure("task-error", step, None, detected, detected, reason="peer lost")
+
+    @staticmethod
+    def _combine(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        lead = results[0]
+        ranks = [results[r] for r in sorted(results)]
+        return {
+            "ref": lead["ref"], "step": lead["step"], "worker": lead["worker"],
+            "reused": all(r["reused"] for r in ranks),
+            "restored_from": lead["restored_from"], "start_step": lead["start_step"],
+            "first_step_unix": min((r["first_step_unix"] for r in ranks
+                                    if r["first_step_unix"]), default=None),
+            "checkpoints": lead["checkpoints"], "losses": lead["losses"],
+            "steps_trained": lead["steps_trained"],
+            "tokens": sum(r["tokens"] for r in ranks),
+            "train_s": max(r["train_s"] for r in ranks),
+            "ckpt_s": max(r["ckpt_s"] for r in ranks),
+            "checkpoint_loads": sum(r["checkpoint_loads"] for r in ranks),
+            "corrupt": [c for r in ranks for c in r["corrupt"]],
+            "train_loss": lead["train_loss"], "stopped_early": False,
+            "ranks": [{"rank": r["rank"], "worker": r["worker"], "tokens": r["tokens"],
+                       "train_s": r["train_s"], "restored_from": r["restored_from"]}
+                      for r in ranks],
+        }

@@ -1,0 +1,343 @@
+"""One rank of a data-parallel batch group: join the group, agree on the state to start from
+(a live peer's memory first, the store second), train in lockstep, vote, write a share of each
+checkpoint, and hand back a reference.
+
+A lost peer shows up here as a CollectiveError inside a step's all_reduce, before the optimizer
+ran: this rank's state is still exactly the last completed step, so it keeps it warm and raises
+PeerLost; the flow re-forms the group and the next attempt copies that state to the newcomer
+instead of going back to the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from storage import (
+    CheckpointRef,
+    CorruptCheckpointError,
+    ShareReceipt,
+    TransientStoreError,
+    open_store,
+)
+from storage.faults import ENV as STORAGE_FAULT_ENV
+from storage.hashing import state_hash
+from storage.store import CheckpointStore
+from tasks import chaos, health, progress
+from tasks.jobs import GroupJob, RunSpec
+from tasks.rank_cache import leave_group, rank_group_for
+from tasks.worker_cache import WarmTrainer, drop_warm, put_warm, take_warm
+from training.config import TrainConfig
+from training.distributed import CollectiveError, RankGroup, Rendezvous
+from training.loop import Trainer
+
+SAVE_RETRY_DELAYS_S = (0.5, 1.0, 2.0)
+HANG_DURATION = timedelta(hours=1)
+
+
+class PeerLost(RuntimeError):
+    """A collective failed: a peer died or hung. This rank's state is intact at `step`."""
+
+    def __init__(self, rank: int, step: int, reason: str) -> None:
+        super().__init__(f"rank {rank}: peer lost at step {step + 1} ({reason})")
+        self.rank = rank
+        self.step = step
+        self.reason = reason
+
+    def __reduce__(self) -> tuple:
+        return (PeerLost, (self.rank, self.step, self.reason))
+
+
+class RanksDisagree(RuntimeError):
+    """The ranks' state hashes differ (silent data corruption): nothing is committed."""
+
+    def __init__(self, step: int, hashes: list[str]) -> None:
+        super().__init__(f"ranks disagree at step {step}: state hashes {hashes}")
+        self.step = step
+        self.hashes = hashes
+
+    def __reduce__(self) -> tuple:
+        return (RanksDisagree, (self.step, self.hashes))
+
+
+@dataclass(frozen=True)
+class RankJob:
+    """One rank's part of a batch group."""
+
+    group: GroupJob
+    rank: int
+    world_size: int
+    rendezvous: dict[str, Any]
+    """`training.distributed.Rendezvous.to_dict()` of the current membership."""
+    chaos_rank_events: tuple[tuple[str, int], ...] = ()
+    """(kind, step) chaos events aimed at this rank (DESIGN.md section 6, `KIND@STEP/RANK`)."""
+
+
+@dataclass
+class RankResult:
+    """What a rank hands back (rank 0's ref and losses speak for the group)."""
+
+    rank: int
+    worker: str | None
+    ref: dict[str, Any] = field(default_factory=dict)
+    step: int = 0
+    reused: bool = False
+    restored_from: str | None = None
+    """'warm' (every rank already held it), 'peer' (copied from a live rank), 'checkpoint'
+    (read from the store) or None (fresh start)."""
+    start_step: int = 0
+    """Step this attempt started training from."""
+    checkpoint_loads: int = 0
+    """Checkpoints this rank read from the store (0 for a peer restore)."""
+    peer_restore_s: float = 0.0
+    steps_trained: int = 0
+    tokens: int = 0
+    train_s: float = 0.0
+    ckpt_s: float = 0.0
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    checkpoints: list[int] = field(default_factory=list)
+    bytes_written: int = 0
+    bytes_reused: int = 0
+    corrupt: list[dict[str, Any]] = field(default_factory=list)
+    state_hash: str = ""
+    train_loss: float | None = None
+    first_step_unix: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _build_trainer(run: RunSpec, group: RankGroup) -> Trainer:
+    from tasks.worker_cache import corpus_for
+
+    cfg = TrainConfig(**run.train_config).resolved()
+    return Trainer(cfg, corpus_for(run.data_path), device=run.device, sync=group)
+
+
+def _hash_of(trainer: Trainer) -> str:
+    return state_hash(trainer.capture()[0])
+
+
+def _committed_end(store: CheckpointStore, job: GroupJob) -> CheckpointRef | None:
+    if job.last_step not in store.steps(job.run.run_id):
+        return None
+    return store.ref(job.run.run_id, job.last_step) if store.verify(
+        job.run.run_id, job.last_step).ok else None
+
+
+def _load_newest(store: CheckpointStore, job: GroupJob, trainer: Trainer,
+                 result: RankResult) -> CheckpointRef | None:
+    """Restore the newest checkpoint <= last_step that verifies; None: start fresh."""
+    run = job.run
+    for step in sorted((s for s in store.steps(run.run_id) if s <= job.last_step), reverse=True):
+        try:
+            ckpt = store.load(run.run_id, step)
+        except CorruptCheckpointError as err:
+            result.corrupt.append(err.to_dict() | {"found_unix": time.time()})
+            continue
+        result.checkpoint_loads += 1
+        if ckpt.metadata.get("config_hash") not in (None, run.config_hash):
+            raise ValueError(f"checkpoint {run.run_id}@{step} belongs to another configuration")
+        trainer.restore(ckpt.tensors, ckpt.metadata)
+        return ckpt.ref
+    trainer.init_fresh()
+    return None
+
+
+def _agree_on_start(store: CheckpointStore, job: RankJob, group: RankGroup,
+                    warm: WarmTrainer | None, result: RankResult) -> WarmTrainer:
+    """Every rank ends with the same trainer state; a peer's memory is preferred to the store."""
+    run = job.group.run
+    key = (run.run_id, run.config_hash)
+    trainer = warm.trainer if warm is not None else _build_trainer(run, group)
+    trainer.sync = group
+    have = {"step": -1, "hash": ""}
+    if warm is not None and job.group.first_step <= trainer.step <= job.group.last_step:
+        have = {"step": trainer.step, "hash": _hash_of(trainer)}
+    haves = group.all_gather_json(have)
+    # The newest committed step, as rank 0 sees it: every rank acts on the same answer.
+    newest = None
+    if group.rank == 0:
+        ref = store.latest_committed_ref(run.run_id)
+        newest = ref.step if ref is not None and ref.step <= job.group.last_step else -1
+    newest = int(group.broadcast_json(newest, src=0))
+    best = max(h["step"] for h in haves)
+    at_ref = warm.at_ref if warm is not None else None
+    if best >= 0 and best >= newest:
+        src = min(r for r, h in enumerate(haves) if h["step"] == best)
+        if any(h["step"] == best and h["hash"] != haves[src]["hash"] for h in haves):
+            raise RanksDisagree(best, [h["hash"] for h in haves])
+        if all(h == haves[src] for h in haves):
+            result.restored_from = "warm"
+        else:
+            t0 = time.perf_counter()
+            group.broadcast_state(trainer, src)
+            result.peer_restore_s = time.perf_counter() - t0
+            result.restored_from = "peer"
+            at_ref = at_ref if have == haves[src] else None
+    else:
+        at_ref = _load_newest(store, job.group, trainer, result)
+        result.restored_from = "checkpoint" if at_ref is not None else None
+    mine = _hash_of(trainer)
+    hashes = group.all_gather_text(mine)
+    if len(set(hashes)) != 1:
+        raise RanksDisagree(trainer.step, hashes)
+    result.start_step = trainer.step
+    productive = warm.productive_s if warm is not None else 0.0
+    return WarmTrainer(key, trainer, at_ref, productive)
+
+
+def _save_shared(store: CheckpointStore, job: RankJob, group: RankGroup, warm: WarmTrainer,
+                 result: RankResult, extra: dict[str, Any]) -> CheckpointRef:
+    """Vote, write this rank's share, and commit once (rank 0) after every share is durable."""
+    run = job.group.run
+    trainer = warm.trainer
+    t0 = time.perf_counter()
+    tensors, meta = trainer.capture(extra)
+    meta["config_hash"] = run.config_hash
+    meta["workers"] = group.world_size
+    hashes = group.all_gather_text(state_hash(tensors))
+    if len(set(hashes)) != 1:
+        raise RanksDisagree(trainer.step, hashes)
+    session = Rendezvous.from_dict(job.rendezvous).namespace
+    for delay in SAVE_RETRY_DELAYS_S + (None,):
+        try:
+            receipt = store.write_share(run.run_id, trainer.step, tensors, session=session,
+                                        rank=group.rank, world_size=group.world_size,
+                                        state_hash=hashes[0])
+            os.environ.pop(STORAGE_FAULT_ENV, None)
+            break
+        except TransientStoreError:
+            if delay is None:
+                raise
+            time.sleep(delay)
+    result.bytes_written += receipt.bytes_written
+    result.bytes_reused += receipt.bytes_reused
+    receipts = group.all_gather_json(receipt.to_json())
+    outcome: dict[str, Any]
+    if group.rank == 0:
+        try:
+            ref = store.commit_shares(run.run_id, trainer.step,
+                                      [ShareReceipt.from_json(r) for r in receipts], meta,
+                                      session=session)
+            stats = store.last_save_stats
+            outcome = {"ref": ref.to_dict(),
+                       "committed": stats is None or stats.outcome == "committed"}
+        except Exception as err:  # noqa: BLE001 - every rank must learn of it, then it raises
+            outcome = {"error": f"{type(err).__name__}: {err}"}
+            group.broadcast_json(outcome, src=0)
+            raise
+    outcome = group.broadcast_json(outcome if group.rank == 0 else None, src=0)
+    if "error" in outcome:
+        raise RuntimeError(f"commit of step {trainer.step} failed on rank 0: {outcome['error']}")
+    ref = CheckpointRef.from_dict(outcome["ref"])
+    if outcome["committed"]:
+        result.checkpoints.append(ref.step)
+    result.ckpt_s += time.perf_counter() - t0
+    warm.at_ref = ref
+    return ref
+
+
+def _chaos_before_step(job: RankJob, store: CheckpointStore, step: int) -> None:
+    for kind, at in job.chaos_rank_events:
+        if at != step or kind not in ("raise", "kill-worker", "hang"):
+            continue
+        record = f"chaos/{kind}@{at}.r{job.rank}"
+        if not store.create_json_exclusive(job.group.run.run_id, record,
+                                           {"fired_unix": time.time(), "pid": os.getpid(),
+                                            "worker": progress.worker_name()}):
+            continue
+        if kind == "raise":
+            raise chaos.ChaosError(f"chaos: raise@{step}/{job.rank}")
+        if kind == "kill-worker":
+            chaos.kill_this_process()
+        if kind == "hang":
+            chaos.hang(HANG_DURATION)
+
+
+def _arm_kill_during_save(job: RankJob, store: CheckpointStore, step: int) -> None:
+    for kind, at in job.chaos_rank_events:
+        if kind == "kill-during-save" and at == step and store.create_json_exclusive(
+                job.group.run.run_id, f"chaos/{kind}@{at}.r{job.rank}", {"fired_unix": time.time()}):
+            os.environ[STORAGE_FAULT_ENV] = "chunks:2"
+
+
+def run_rank(job: RankJob) -> RankResult:
+    """Train (first_step, last_step] as one rank of a data-parallel group."""
+    g = job.group
+    run = g.run
+    store = open_store(run.store_url)
+    result = RankResult(rank=job.rank, worker=progress.worker_name())
+    done = _committed_end(store, g)
+    if done is not None:
+        result.ref, result.step, result.reused = done.to_dict(), done.step, True
+        return result
+    health.probe(store, run.run_id, result.worker)
+    group = rank_group_for(Rendezvous.from_dict(job.rendezvous), job.rank)
+    warm = take_warm((run.run_id, run.config_hash))
+    try:
+        warm = _agree_on_start(store, job, group, warm, result)
+    except CollectiveError as err:
+        leave_group()
+        if warm is not None:
+            put_warm(warm)  # untouched: a restore never half-applies
+        raise PeerLost(job.rank, warm.trainer.step if warm else -1, str(err)) from None
+    except BaseException:
+        drop_warm()
+        raise
+    trainer = warm.trainer
+    progress.emit(run.run_id, step=trainer.step, phase="ready", rank=job.rank)
+    productive_s = warm.productive_s
+    ref = warm.at_ref
+    try:
+        while trainer.step < g.last_step:
+            _chaos_before_step(job, store, trainer.step + 1)
+            step_result = trainer.train_step()
+            productive_s += step_result.seconds
+            result.steps_trained += 1
+            result.train_s += step_result.seconds
+            result.tokens += step_result.tokens
+            result.losses.append((trainer.step, step_result.loss))
+            if result.first_step_unix is None:
+                result.first_step_unix = time.time()
+            save_s = 0.0
+            if trainer.step % g.ckpt_every == 0 or trainer.step == g.last_step:
+                _arm_kill_during_save(job, store, trainer.step)
+                t0 = time.perf_counter()
+                ref = _save_shared(store, job, group, warm, result,
+                                   {"productive_s": productive_s,
+                                    "train_loss": step_result.loss})
+                save_s = time.perf_counter() - t0
+            progress.emit(run.run_id, step=trainer.step, loss=step_result.loss,
+                          tokens=step_result.tokens, seconds=step_result.seconds,
+                          save_s=save_s, rank=job.rank,
+                          ckpt=ref.step if ref is not None else None)
+    except CollectiveError as err:
+        # The failed step applied nothing: this memory is the state after trainer.step.
+        warm.at_ref = ref if ref is not None and ref.step == trainer.step else None
+        warm.productive_s = productive_s
+        leave_group()
+        put_warm(warm)
+        raise PeerLost(job.rank, trainer.step, str(err)) from None
+    except BaseException:
+        leave_group()
+        drop_warm()
+        raise
+    if ref is None or ref.step != trainer.step:
+        ref = _save_shared(store, job, group, warm, result, {"productive_s": productive_s})
+    warm.productive_s = productive_s
+    put_warm(warm)
+    result.ref, result.step = ref.to_dict(), ref.step
+    result.state_hash = _hash_of(trainer)
+    tail = [loss for _, loss in result.losses[-10:]]
+    result.train_loss = sum(tail) / len(tail) if tail else None
+    return result
+
+
+def attempt_name(job: RankJob) -> str:
+    """A unique name for this rank's attempt (records, logs)."""
+    return f"{job.group.last_step:012d}-r{job.rank}-{uuid.uuid4().hex[:8]}"
