@@ -70,7 +70,8 @@ def test_a_failed_epoch_attempt_keeps_its_checkpoints_and_failures(reference: di
     assert abs(sum(parts.values()) - s["wall_s"]) <= 0.01 * s["wall_s"] + 0.02
 
 
-def test_worker_killed_from_outside_detection_is_measured(workdir: Path, corpus: Path) -> None:
+def test_worker_killed_from_outside_detection_is_measured(prefect_api: str, workdir: Path,
+                                                         corpus: Path) -> None:
     store = workdir / "store"
     path = workdir / "outside.json"
     # Long groups (100 steps, ~4 s) so the kill lands mid-group.
@@ -134,7 +135,7 @@ class _OpenWatch:
         os.close(self.fd)
 
 
-def test_resume_reads_each_chunk_once(reference: dict, workdir: Path, corpus: Path) -> None:
+def test_resume_reads_each_chunk_once(prefect_api: str, workdir: Path, corpus: Path) -> None:
     store = workdir / "store"
     done, _ = _run(workdir, corpus, "read-once", "--until", "15")
     assert done.returncode == 0, done.stderr[-3000:]
