@@ -40,8 +40,13 @@ OPTION_HELP = {
     "mtbf": "mean time between failures assumed by --ckpt-every auto (default 1h; refused "
             "without it)",
     "keep": "retention: keep the newest K checkpoints plus epoch ends (default 3)",
-    "workers": "data-parallel ranks training one model together: only 1 until data "
-               "parallelism is built (more is refused)",
+    "workers": "data-parallel ranks training one model together, one Dask worker each "
+               "(default 1); must divide the preset's batch. A run keeps its N: resuming with "
+               "another is refused unless --reshard",
+    "collective_timeout": "bound on a rank's rendezvous and on every collective; a rank silent "
+                          "this long is replaced (default 30s; needs --workers >= 2)",
+    "reshard": "resume a run made with another --workers (continues from its checkpoint; not "
+               "bit-exact with either N, said in the summary)",
     "spares": "spare Dask workers that absorb lost ones (default 1); with --cluster, the "
               "scheduler must have 1 + K workers (waits up to --cluster-timeout, else exit 2)",
     "standby": "hot (default): spares start with the cluster, warm; cold: no spare processes "
@@ -100,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mtbf", metavar="DUR", help=h["mtbf"])
     p.add_argument("--keep", type=int, default=3, metavar="K", help=h["keep"])
     p.add_argument("--workers", type=int, metavar="W", help=h["workers"])
+    p.add_argument("--collective-timeout", metavar="DUR", help=h["collective_timeout"])
+    p.add_argument("--reshard", action="store_true", default=None, help=h["reshard"])
     p.add_argument("--spares", type=int, metavar="K", help=h["spares"])
     p.add_argument("--standby", choices=("hot", "cold"), help=h["standby"])
     p.add_argument("--cluster", metavar="ADDRESS", help=h["cluster"])
@@ -155,14 +162,16 @@ def main(argv: list[str] | None = None, server_port: int | None = None) -> int:
     if params.cluster_workers_needed is not None:
         from flows.cluster import count_workers
 
+        # Workers join a cluster over time: wait for them as long as a run waits for a lost
+        # one, then fail (exit 1: the input is fine, the cluster is short).
         need = params.cluster_workers_needed
-        have = count_workers(params.cluster, need, params.watchdog.scheduler_timeout)
+        have = count_workers(params.cluster, need, params.watchdog.no_worker_timeout)
         if have is not None and have < need:
             sys.stderr.write(
                 f"error: --cluster {params.cluster} has {have} worker(s) after "
-                f"{params.cluster_timeout}; --workers {params.workers} --spares "
+                f"{params.no_worker_timeout}; --workers {params.workers} --spares "
                 f"{params.spares} needs {need}\n")
-            return EXIT_USAGE
+            return EXIT_FAILED
     return _run(params, plan, server_port, started, show_progress=not args.no_progress)
 
 

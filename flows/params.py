@@ -43,7 +43,9 @@ class TrainParams(BaseModel):
     ckpt_every: int | Literal["auto"] | None = Field(None, description="Checkpoint interval in steps, or auto (Young/Daly).")
     mtbf: str = Field("1h", description="Mean time between failures assumed by --ckpt-every auto.")
     keep: int = Field(3, ge=1, description="Keep the newest K checkpoints (plus epoch ends).")
-    workers: int = Field(1, ge=1, le=1, description="Data-parallel ranks training one model together: only 1 until data parallelism is built.")
+    workers: int = Field(1, ge=1, le=256, description="Data-parallel ranks training one model together (each a Dask worker); must divide the batch.")
+    collective_timeout: str = Field("30s", description="Bound on a rank's rendezvous and every collective; a rank silent this long is lost.")
+    reshard: bool = Field(False, description="Resume a run made with another --workers (not bit-exact; said in the summary).")
     spares: int = Field(1, ge=0, le=64, description="Spare Dask workers that absorb lost ones (on --cluster: checked to be there).")
     standby: Literal["hot", "cold"] = Field("hot", description="hot: spares start warm; cold: no spares, lost workers are restarted (local cluster only).")
     cluster: str | None = Field(None, description="Address of an existing Dask scheduler (tcp://host:port).")
@@ -65,7 +67,8 @@ class TrainParams(BaseModel):
             raise ValueError(f"--run-id {value!r}: use letters, digits, '.', '_' and '-' (max 128)")
         return value
 
-    @field_validator("time_budget", "mtbf", "hang_timeout", "cluster_timeout", "no_worker_timeout")
+    @field_validator("time_budget", "mtbf", "hang_timeout", "cluster_timeout", "no_worker_timeout",
+                     "collective_timeout")
     @classmethod
     def _is_duration(cls, value: str | None) -> str | None:
         if value is not None:
@@ -87,14 +90,6 @@ class TrainParams(BaseModel):
             raise ValueError("--ckpt-every must be >= 1 or auto")
         return value
 
-    @field_validator("workers", mode="before")
-    @classmethod
-    def _one_rank(cls, value: object) -> object:
-        if isinstance(value, int) and value > 1:
-            raise ValueError("--workers > 1 is not available yet: data parallelism (ranks training "
-                             "one model together) is not built; --spares adds standby workers")
-        return value
-
     @field_validator("replicas", mode="before")
     @classmethod
     def _one_replica(cls, value: object) -> object:
@@ -109,8 +104,17 @@ class TrainParams(BaseModel):
         if "replica_policy" in given:
             raise ValueError("--replica-policy needs --replicas >= 2, which is not available yet: "
                              "replication is not built")
-        if self.chaos and "perturb-replica" in self.chaos:
-            raise ValueError("--chaos perturb-replica needs --replicas >= 2 (not available yet)")
+        if self.chaos and "perturb-replica" in self.chaos and self.workers < 2:
+            raise ValueError("--chaos perturb-replica needs --workers >= 2 (ranks that vote); "
+                             "replicas are not available yet")
+        if self.chaos:
+            from tasks.chaos import parse_chaos
+
+            for event in parse_chaos(self.chaos).events:
+                if event.rank >= self.workers or event.replica >= self.replicas:
+                    raise ValueError(f"--chaos {event.kind}@{event.step}/{event.replica}."
+                                     f"{event.rank}: there are {self.workers} ranks in "
+                                     f"{self.replicas} replica group(s)")
         if "mtbf" in given and self.ckpt_every != "auto":
             raise ValueError("--mtbf is only used by --ckpt-every auto")
         if self.standby == "cold" and "spares" in given and self.spares > 0:
@@ -119,6 +123,12 @@ class TrainParams(BaseModel):
         if self.cluster and self.standby == "cold" and "standby" in given:
             raise ValueError("--standby cold applies to the local cluster: on --cluster the "
                              "scheduler's own workers are the spares")
+        if "collective_timeout" in given and self.workers < 2:
+            raise ValueError("--collective-timeout needs --workers >= 2 (a single rank has no "
+                             "collectives)")
+        if parse_duration_s(self.collective_timeout) >= parse_duration_s(self.hang_timeout):
+            raise ValueError(f"--collective-timeout {self.collective_timeout} must be shorter "
+                             f"than --hang-timeout {self.hang_timeout}")
         if self.until is not None and self.steps is not None and self.until > self.steps:
             raise ValueError(f"--until {self.until} is past --steps {self.steps}")
         return self
@@ -138,6 +148,10 @@ class TrainParams(BaseModel):
     @property
     def time_budget_s(self) -> float | None:
         return parse_duration_s(self.time_budget) if self.time_budget else None
+
+    @property
+    def collective_timeout_s(self) -> float:
+        return parse_duration_s(self.collective_timeout)
 
     @property
     def mtbf_s(self) -> float:

@@ -16,6 +16,7 @@ from storage import open_store
 from tasks.jobs import RunSpec
 from training.config import TrainConfig
 from training.data import Corpus, load_corpus, steps_per_epoch
+from training.distributed import batch_share
 
 DEFAULT_GROUP_STEPS = 50
 """Steps per batch-group task: seconds of work each, so ~0.3 s of Dask+Prefect overhead is small."""
@@ -78,6 +79,10 @@ def build_plan(params: TrainParams, corpus: Corpus | None = None) -> RunPlan:
     except (ValueError, OSError) as err:
         raise ConfigurationError(str(err).splitlines()[0]) from None
     total = resolved.steps
+    try:
+        batch_share(resolved.batch_size, params.workers)
+    except ValueError as err:
+        raise ConfigurationError(f"--workers {params.workers}: {err}") from None
     if params.until is not None and params.until > total:
         raise ConfigurationError(f"--until {params.until} is past the run's {total} steps")
     group_steps = params.group_steps or min(DEFAULT_GROUP_STEPS, total)
@@ -106,6 +111,7 @@ def run_record(plan: RunPlan, params: TrainParams) -> dict[str, Any]:
     return {"run_id": plan.run.run_id, "config_hash": plan.run.config_hash,
             "model": params.model, "data": plan.run.data_path, "seed": params.seed,
             "steps": plan.total_steps, "threads": plan.run.train_config.get("torch_threads"),
+            "workers": params.workers,
             "train_config": plan.run.train_config,
             "corpus": plan.corpus_description}
 
@@ -122,14 +128,22 @@ def check_store(plan: RunPlan, params: TrainParams) -> bool:
     record = run_record(plan, params)
     # Threads are outside the config hash (they don't change the math's meaning) but they do
     # change float summation order, so a bit-exact resume needs the same number.
+    threads_differ = existing.get("threads", record["threads"]) != record["threads"]
     if existing.get("config_hash") != plan.run.config_hash or \
-            existing.get("threads", record["threads"]) != record["threads"]:
+            (threads_differ and not params.reshard):
         diffs = [k for k in ("model", "data", "seed", "steps", "threads")
                  if existing.get(k, record[k]) != record[k]]
         what = ", ".join(f"{k} {existing.get(k)!r}" for k in diffs) or "another configuration"
         raise ConfigurationError(
             f"run {plan.run.run_id!r} in {params.store} was made with {what}; "
             "pass the same options, another --run-id, or --fresh to start it over")
+    # Gradient shares change float summation: the same N is needed for a bit-exact resume.
+    made_with = int(existing.get("workers", 1))
+    if made_with != params.workers and not params.reshard:
+        raise ConfigurationError(
+            f"run {plan.run.run_id!r} in {params.store} was trained with --workers {made_with}; "
+            f"pass --workers {made_with}, or --reshard to continue it with {params.workers} "
+            "(not bit-exact)")
     return True
 
 

@@ -20,11 +20,13 @@ from datetime import timedelta
 from typing import Any
 
 from flows.supervise import ClusterWatch, InfrastructureError, Watchdog
+from storage import FatalStoreError
+from tasks.health import WorkerUnhealthy
 from tasks.jobs import GroupJob
 from tasks.rank_runner import PeerLost, RankJob, RanksDisagree
 from training.distributed import RendezvousServer
 
-HANG_GRACE = timedelta(seconds=3)
+HANG_GRACE = timedelta(seconds=1)
 """After a peer reported a failed collective, a rank still silent this much past the collective
 timeout is taken for hung: its worker is restarted."""
 
@@ -43,13 +45,16 @@ class RankFailure:
     restored_from: str | None = None
     recovered_unix: float | None = None
     reason: str = ""
+    checkpoint_loads: int | None = None
+    """Checkpoints the ranks read from the store to recover (0 for a peer restore)."""
 
     def entry(self) -> dict[str, Any]:
         return {"kind": self.kind, "step": self.step, "worker": self.worker,
                 "detected_after_s": round(max(0.0, self.detected_unix - self.failed_unix), 3),
                 "recovered_after_s": round(max(0.0, (self.recovered_unix or self.detected_unix)
                                                - self.failed_unix), 3),
-                "lost_steps": self.lost_steps, "restored_from": self.restored_from}
+                "lost_steps": self.lost_steps, "restored_from": self.restored_from,
+                "checkpoint_loads": self.checkpoint_loads, "reason": self.reason}
 
 
 @dataclass
@@ -68,7 +73,8 @@ class DataParallelGroups:
 
     def __init__(self, watch: ClusterWatch, server: RendezvousServer, run_id: str,
                  world_size: int, collective_timeout: timedelta, dog: Watchdog,
-                 budget: int, chaos_for_rank: Callable[[int], tuple[tuple[str, int], ...]],
+                 budget: int,
+                 chaos_for_rank: Callable[[int, int, int], tuple[tuple[str, int], ...]],
                  on_event: Callable[[str], None]) -> None:
         self.watch = watch
         self.server = server
@@ -97,6 +103,15 @@ class DataParallelGroups:
         quarantined = {q["worker"] for q in self.watch.quarantined}
         return sorted(w for w in info.get("workers", {})
                       if w not in quarantined and w not in self.out_of_service)
+
+    def release(self) -> None:
+        """Ask every worker to leave its process group (a blocked gloo group slows shutdown)."""
+        from tasks.rank_cache import leave_group
+
+        try:
+            self.watch.client.run(leave_group)
+        except Exception:  # noqa: BLE001 - a worker that cannot answer is closed anyway
+            pass
 
     def spares(self) -> list[str]:
         """Workers that hold no rank now."""
@@ -135,7 +150,8 @@ class DataParallelGroups:
         while True:
             self._form()
             futures = {r: submit(RankJob(job, r, self.world_size, self.rendezvous.to_dict(),
-                                         self.chaos_for_rank(r)), self.members[r])
+                                         self.chaos_for_rank(r, job.first_step, job.last_step)),
+                                 self.members[r])
                        for r in range(self.world_size)}
             attempt = self._wait(futures, mark_crashed)
             if len(attempt.results) == self.world_size:
@@ -143,13 +159,20 @@ class DataParallelGroups:
                 for failure in pending:
                     failure.restored_from = result["restored_from"]
                     failure.recovered_unix = result["first_step_unix"] or time.time()
+                    failure.checkpoint_loads = result["checkpoint_loads"]
                     failure.lost_steps = max(0, failure.step - result["start_step"])
                     if result["restored_from"] in ("peer", "warm"):
                         failure.lost_steps = min(failure.lost_steps, 1)
                     self.failures.append(failure)
                 return result
+            for err in attempt.errors.values():
+                # No re-forming helps a full disk or a configuration error: the run fails.
+                if isinstance(err, FatalStoreError | ValueError | TypeError) and \
+                        not isinstance(err, WorkerUnhealthy):
+                    raise err
             failure = self._diagnose(attempt)
             pending.append(failure)
+            self.rendezvous = None  # a failed membership is rebuilt, never joined again
             self.say(f"rank lost: {failure.kind} at step {failure.step} on {failure.worker}: "
                      f"{failure.reason}; re-forming the group")
             for worker, why in attempt.lost_workers.items():
@@ -175,21 +198,19 @@ class DataParallelGroups:
                 self.watch.ensure_scheduler(self.dog.scheduler_timeout, "a data-parallel group")
             now = time.time()
             for rank in sorted(open_ranks):
-                f = futures[rank].wrapped_future
-                if f.status == "finished":
-                    attempt.results[rank] = futures[rank].result()
-                    open_ranks.discard(rank)
-                elif f.status in ("error", "cancelled"):
-                    try:
-                        err = f.exception(timeout=5)
-                    except Exception as exc:  # noqa: BLE001 - cancelled / lost with its worker
-                        err = exc
-                    attempt.first_failure_unix = attempt.first_failure_unix or now
-                    if isinstance(err, PeerLost):
-                        attempt.peer_lost[rank] = err
-                    else:
-                        attempt.errors[rank] = err
-                    open_ranks.discard(rank)
+                if futures[rank].wrapped_future.status not in ("finished", "error", "cancelled"):
+                    continue
+                open_ranks.discard(rank)
+                try:
+                    # A Prefect task that raised is a finished Dask future holding a Failed
+                    # state: the rank's own exception comes out of result().
+                    attempt.results[rank] = futures[rank].result(timeout=30)
+                    continue
+                except PeerLost as err:
+                    attempt.peer_lost[rank] = err
+                except Exception as err:  # noqa: BLE001 - classified by _diagnose
+                    attempt.errors[rank] = err
+                attempt.first_failure_unix = attempt.first_failure_unix or now
             # A member's worker removed by the scheduler: its rank will never report.
             for loss in self.watch.losses[losses_seen:]:
                 for rank in sorted(open_ranks):
@@ -201,8 +222,10 @@ class DataParallelGroups:
             losses_seen = len(self.watch.losses)
             # Peers gave up on a collective while this rank stays silent: it hangs.
             if attempt.first_failure_unix is not None and open_ranks and attempt.peer_lost:
+                # The survivors already waited the collective timeout for it; a short grace
+                # lets every survivor report before the silent one is called hung.
                 late = now - attempt.first_failure_unix
-                if late > (self.collective_timeout + HANG_GRACE).total_seconds():
+                if late > HANG_GRACE.total_seconds():
                     for rank in sorted(open_ranks):
                         attempt.lost_workers[self.members[rank]] = "hung"
                         open_ranks.discard(rank)
@@ -228,9 +251,17 @@ class DataParallelGroups:
             kind = "hang" if why == "hung" else "worker-lost"
             failed = attempt.failed_unix or detected
             if why == "hung":
-                failed = detected - self.collective_timeout.total_seconds()
+                # Measured: from the hung rank's last sign of life to the survivors' failed
+                # collective (its timeout), not assumed.
+                failed = self.watch.last_seen.get(worker) or failed
             return RankFailure(kind, step, worker, failed, detected, reason=why)
         for rank, err in attempt.errors.items():
+            if isinstance(err, WorkerUnhealthy):
+                # Redundancy: the worker is retired for good; a spare takes its rank.
+                self.watch.quarantine(self.members[rank])
+                self.out_of_service.add(self.members[rank])
+                return RankFailure("quarantine", step, self.members[rank], detected, detected,
+                                   reason=err.reason)
             kind = "sdc" if isinstance(err, RanksDisagree) else "task-error"
             if isinstance(err, RanksDisagree):
                 step = err.step
@@ -256,7 +287,26 @@ class DataParallelGroups:
             "checkpoint_loads": sum(r["checkpoint_loads"] for r in ranks),
             "corrupt": [c for r in ranks for c in r["corrupt"]],
             "train_loss": lead["train_loss"], "stopped_early": False,
-            "ranks": [{"rank": r["rank"], "worker": r["worker"], "tokens": r["tokens"],
-                       "train_s": r["train_s"], "restored_from": r["restored_from"]}
-                      for r in ranks],
+            "attempt": lead.get("attempt"),
+            "ranks": [{"rank": r["rank"], "worker": r["worker"], "pid": r["pid"],
+                       "tokens": r["tokens"], "train_s": r["train_s"], "cpu_s": r["cpu_s"],
+                       "window_unix": r["window_unix"], "restored_from": r["restored_from"],
+                       "checkpoint_loads": r["checkpoint_loads"],
+                       "bytes_reused": r["bytes_reused"]} for r in ranks],
         }
+
+
+def rendezvous_host(scheduler_address: str) -> str:
+    """The address of this machine that the cluster reaches: the one it uses to reach the
+    scheduler (127.0.0.1 for a local cluster)."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(scheduler_address if "://" in scheduler_address
+                      else f"tcp://{scheduler_address}")
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or 8786
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, port))  # no packet is sent: this only picks the route
+        return str(probe.getsockname()[0])

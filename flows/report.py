@@ -49,6 +49,10 @@ class RunTally:
     """Attempt name -> (train_s, ckpt_s) of every attempt whose result came back."""
     attempt_totals: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Attempt name -> (train_s, ckpt_s) summed from its progress events (all attempts)."""
+    rank_failures: list[Any] = field(default_factory=list)
+    """Failures of data-parallel groups as the groups saw them (flows.rank_group.RankFailure)."""
+    ranks: list[dict[str, Any]] = field(default_factory=list)
+    """The ranks of the last data-parallel group: rank, worker, tokens, train_s."""
 
     def absorb_group(self, result: dict[str, Any]) -> None:
         """Fold one batch group's result in as it arrives (an epoch that fails later keeps it)."""

@@ -15,6 +15,7 @@ if __name__ == "__main__":
 import contextlib  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
+from datetime import timedelta  # noqa: E402
 from typing import Any  # noqa: E402
 
 import dask  # noqa: E402
@@ -24,8 +25,13 @@ from prefect_dask import DaskTaskRunner  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from flows.cluster import cuda_available, local_cluster, running_workers  # noqa: E402
-from flows.failures import collect_failures, committed_steps, run_attempts  # noqa: E402
-from flows.group_submit import submit_supervised  # noqa: E402
+from flows.failures import (  # noqa: E402
+    Failure,
+    collect_failures,
+    committed_steps,
+    run_attempts,
+)
+from flows.group_submit import mark_crashed, submit_supervised  # noqa: E402
 from flows.params import TrainParams  # noqa: E402
 from flows.plan import (  # noqa: E402
     ConfigurationError,
@@ -37,6 +43,7 @@ from flows.plan import (  # noqa: E402
     young_daly_interval,
 )
 from flows.prefect_env import rebound_home  # noqa: E402
+from flows.rank_group import DataParallelGroups, rendezvous_host  # noqa: E402
 from flows.report import RunTally, build_summary, summary_markdown, wall_breakdown  # noqa: E402
 from flows.supervise import ClusterWatch, InfrastructureError  # noqa: E402
 from storage import (  # noqa: E402
@@ -46,19 +53,22 @@ from storage import (  # noqa: E402
     StoreError,
     open_store,
 )
+from tasks.chaos import parse_chaos  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
 from tasks.jobs import GroupJob  # noqa: E402
 from tasks.train_batch_group import quiet_one_line_failures, train_batch_group  # noqa: E402
+from tasks.train_rank import train_rank  # noqa: E402
+from training.distributed import RendezvousServer  # noqa: E402
 
 console = Console(stderr=True)
 
 # The epoch subflow runs in this process; its cluster watcher and the run's tally are looked
 # up here rather than passed as parameters (Prefect records parameters; a live client is no
 # parameter, and the tally must outlive an epoch attempt that raises).
-_LIVE: dict[str, tuple[ClusterWatch, RunTally]] = {}
+_LIVE: dict[str, tuple[ClusterWatch, RunTally, DataParallelGroups | None]] = {}
 
 
-def _live(run_id: str) -> tuple[ClusterWatch, RunTally]:
+def _live(run_id: str) -> tuple[ClusterWatch, RunTally, DataParallelGroups | None]:
     # A function, not the dict itself, in the flow body: Prefect pickles the flow function by
     # value with the globals it names, and a live client cannot be pickled.
     return _LIVE[run_id]
@@ -112,7 +122,7 @@ def train_epoch(plan: RunPlan, params: TrainParams, groups: list[Group], start_r
     is not retried here: it comes back as `infra_error` / `fatal` for the run to fail on.
     """
     out: dict[str, Any] = {"ref": start_ref, "stopped": None, "infra_error": None, "fatal": None}
-    watch, tally = _live(plan.run.run_id)
+    watch, tally, ranks = _live(plan.run.run_id)
     dog = params.watchdog
     last_worker: str | None = None
     protect = tuple(sorted({g.last_step for g in plan.groups if g.epoch_end}))
@@ -126,11 +136,14 @@ def train_epoch(plan: RunPlan, params: TrainParams, groups: list[Group], start_r
         nonlocal last_worker
         job = GroupJob(plan.run, group.first_step, group.last_step, plan.ckpt_every,
                        protect, deadline_unix)
-        result = submit_supervised(
-            lambda job=job: task.submit(job),
-            lambda pinned, w=last_worker: _placement(use_gpu, w if pinned else None, watch),
-            watch, dog, f"steps {group.first_step}-{group.last_step}", params.retries,
-            on_infra)
+        if ranks is not None:
+            result = _run_ranked(ranks, job, use_gpu, tally)
+        else:
+            result = submit_supervised(
+                lambda job=job: task.submit(job),
+                lambda pinned, w=last_worker: _placement(use_gpu, w if pinned else None, watch),
+                watch, dog, f"steps {group.first_step}-{group.last_step}", params.retries,
+                on_infra)
         out["ref"], last_worker = result["ref"], result.get("worker")
         tally.absorb_group(result)
         for line in result["corrupt"]:
@@ -190,6 +203,27 @@ def train_epoch(plan: RunPlan, params: TrainParams, groups: list[Group], start_r
     return out
 
 
+def _run_ranked(ranks: DataParallelGroups, job: GroupJob, use_gpu: bool,
+                tally: RunTally) -> dict[str, Any]:
+    """One batch group on every rank (flows/rank_group.py), in the shape of a group's result."""
+
+    def submit(rank_job: Any, worker: str) -> Any:
+        # Ranks need distinct workers: each is pinned to its own, and the group is re-formed
+        # (not left waiting) when that worker goes.
+        placement: dict[str, Any] = {"workers": [worker], "allow_other_workers": False}
+        if use_gpu:
+            placement["resources"] = {"GPU": 1}
+        with dask.annotate(**placement):
+            return train_rank.submit(rank_job)
+
+    result = ranks.run(job, submit, mark_crashed)
+    # Corrupt checkpoints passed over are in rank 0's attempt record: the timeline reads them.
+    result["corrupt"] = [f"run {c['run_id']!r} step {c['step']} array {c.get('array')!r} "
+                         f"chunk {c.get('chunk')!r}: {c.get('reason')}" for c in result["corrupt"]]
+    tally.ranks = result["ranks"]
+    return result
+
+
 def _first_line(err: BaseException) -> str:
     return str(err).splitlines()[0] if str(err) else ""
 
@@ -222,6 +256,14 @@ def _prepare_store(plan: RunPlan, params: TrainParams) -> None:
         _say(f"--fresh: run {plan.run.run_id} starts over")
     if params.fresh or not exists:
         store.write_json(plan.run.run_id, "run", run_record(plan, params))
+    elif params.reshard:
+        before = store.read_json(plan.run.run_id, "run")
+        if int(before.get("workers", 1)) != params.workers:
+            # From now on the run is an N-rank run: a plain resume with N is bit-exact again.
+            record = run_record(plan, params) | {"resharded_from_workers": before.get("workers", 1)}
+            store.write_json(plan.run.run_id, "run", record)
+            _say(f"--reshard: run {plan.run.run_id} continues on {params.workers} workers "
+                 f"(was {before.get('workers', 1)}); not bit-exact with either")
 
 
 def _train_epochs(plan: RunPlan, params: TrainParams, tally: RunTally, started: float,
@@ -233,7 +275,24 @@ def _train_epochs(plan: RunPlan, params: TrainParams, tally: RunTally, started: 
     remaining = [g for g in plan.groups if g.last_step > start_step]
     with _cluster_address(params, use_gpu) as address:
         watch = ClusterWatch(address, plan.run.run_id, params.watchdog.scheduler_timeout)
-        _LIVE[plan.run.run_id] = (watch, tally)
+        server = ranks = None
+        if params.workers > 1:
+            # The rendezvous lives here, in the coordinator: it outlives any rank.
+            server = RendezvousServer(rendezvous_host(address))
+            chaos = parse_chaos(params.chaos)
+            seed = int(plan.run.train_config.get("seed", 0))
+
+            def chaos_for_rank(rank: int, first: int, last: int) -> tuple[tuple[str, int], ...]:
+                events = chaos.for_rank(rank)
+                if rank == 0:
+                    events += chaos.random_events(seed, first, last)
+                return tuple((e.kind, e.step) for e in events)
+
+            ranks = DataParallelGroups(
+                watch, server, plan.run.run_id, params.workers,
+                timedelta(seconds=params.collective_timeout_s), params.watchdog, params.retries,
+                chaos_for_rank, lambda line: _say(line, "yellow"))
+        _LIVE[plan.run.run_id] = (watch, tally, ranks)
         runner = DaskTaskRunner(address=address, client_kwargs={
             "timeout": params.watchdog.scheduler_timeout.total_seconds()})
         try:
@@ -265,7 +324,15 @@ def _train_epochs(plan: RunPlan, params: TrainParams, tally: RunTally, started: 
                     return "stopped", out["stopped"]
         finally:
             _LIVE.pop(plan.run.run_id, None)
-            tally.worker_losses = [vars(loss) for loss in watch.losses]
+            handled = set()
+            if ranks is not None:
+                # The group's own account of its failures replaces the raw scheduler events.
+                tally.rank_failures = list(ranks.failures)
+                handled = {f.worker for f in ranks.failures} | ranks.out_of_service
+                ranks.release()
+                server.close()
+            tally.worker_losses = [vars(loss) for loss in watch.losses
+                                   if loss.worker not in handled]
             tally.hangs = list(watch.hangs)
             tally.attempt_totals = {k: (v.trained_s, v.stall_s) for k, v in watch.attempts.items()}
             watch.close()
@@ -290,6 +357,8 @@ def _tell_the_truth(tally: RunTally, started: float, ended: float) -> Callable[[
         tally.resumed_productive_s = float(attempts[0].get("resumed_productive_s", 0.0))
     tally.checkpoints_committed = len(committed_steps(store, tally.run_id, started, attempts))
     failures = collect_failures(store, tally.run_id, started, tally, attempts)
+    failures = sorted(failures + [Failure(f.entry(), f.failed_unix, f.recovered_unix)
+                                  for f in tally.rank_failures], key=lambda f: f.failed_unix)
     tally.failures = [f.entry for f in failures]
     # Per attempt: the task's own totals when its result came back, else its progress events.
     totals = dict(tally.attempt_totals) | tally.group_totals
@@ -330,6 +399,13 @@ def train(params: TrainParams) -> dict[str, Any]:
     ended = time.time()
     breakdown = _tell_the_truth(tally, started, ended)
     summary = build_summary(tally, status, reason, ended - started)
+    summary.update(workers=params.workers, replicas=params.replicas,
+                   spares=params.spares if params.standby == "hot" else 0)
+    if params.reshard:
+        summary["resharded"] = ("continued on --workers "
+                                f"{params.workers} from another N: not bit-exact")
+    if tally.ranks:
+        summary["ranks"] = tally.ranks
     summary["wall_breakdown"] = {k: round(v, 3) for k, v in
                                  breakdown(summary["productive_s"]).items()}
     create_markdown_artifact(summary_markdown(summary, tally), key="rebound-summary",

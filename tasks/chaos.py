@@ -34,10 +34,17 @@ class ChaosEvent:
     """One of CHAOS_KINDS."""
     step: int
     """The optimizer step (1-based: the step that completes it) at which the event fires."""
+    rank: int = 0
+    """Data-parallel rank it strikes (`KIND@STEP/RANK`)."""
+    replica: int = 0
+    """Replica group it strikes (`KIND@STEP/REPLICA.RANK`)."""
 
     @property
     def record_name(self) -> str:
-        return f"chaos/{self.kind}@{self.step}"
+        if self.rank == 0 and self.replica == 0:
+            return f"chaos/{self.kind}@{self.step}"
+        # Another folder: the failure timeline of a single-rank run reads chaos/ only.
+        return f"chaos-ranks/{self.kind}@{self.step}-{self.replica}.{self.rank}"
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,12 @@ class ChaosPlan:
     """Probability of one `raise` per batch group (`random:P`), seeded by the run seed."""
 
     def events_at(self, step: int) -> list[ChaosEvent]:
-        return [e for e in self.events if e.step == step]
+        """Events of rank 0 of replica 0 at step (what a single-rank group runs)."""
+        return [e for e in self.events if e.step == step and e.rank == 0 and e.replica == 0]
+
+    def for_rank(self, rank: int, replica: int = 0) -> list[ChaosEvent]:
+        """Every fixed event aimed at one rank."""
+        return [e for e in self.events if e.rank == rank and e.replica == replica]
 
     def random_events(self, seed: int, first_step: int, last_step: int) -> list[ChaosEvent]:
         """The random failure (if any) of the group (first_step, last_step], a pure function of seed."""
@@ -79,13 +91,20 @@ def parse_chaos(spec: str | None) -> ChaosPlan:
                 raise ValueError(f"--chaos: {part!r}: P must be within [0, 1]")
             continue
         kind, sep, step_text = part.partition("@")
+        step_text, slash, target = step_text.partition("/")
+        replica, rank = 0, 0
+        if slash:
+            rep_text, dot, rank_text = target.rpartition(".")
+            if not rank_text.isdigit() or (dot and not rep_text.isdigit()):
+                raise ValueError(f"--chaos: {part!r}: the target is /RANK or /REPLICA.RANK")
+            rank, replica = int(rank_text), int(rep_text) if dot else 0
         if not sep or kind not in CHAOS_KINDS:
             raise ValueError(
                 f"--chaos: {part!r} is not KIND@STEP with KIND one of {', '.join(CHAOS_KINDS)}"
             )
         if not step_text.isdigit() or int(step_text) < 1:
             raise ValueError(f"--chaos: {part!r}: STEP must be a positive integer")
-        events.append(ChaosEvent(kind, int(step_text)))
+        events.append(ChaosEvent(kind, int(step_text), rank, replica))
     return ChaosPlan(tuple(events), random_p)
 
 

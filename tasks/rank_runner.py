@@ -28,6 +28,7 @@ from storage.faults import ENV as STORAGE_FAULT_ENV
 from storage.hashing import state_hash
 from storage.store import CheckpointStore
 from tasks import chaos, health, progress
+from tasks.chaos import ChaosEvent
 from tasks.jobs import GroupJob, RunSpec
 from tasks.rank_cache import leave_group, rank_group_for
 from tasks.worker_cache import WarmTrainer, drop_warm, put_warm, take_warm
@@ -106,6 +107,13 @@ class RankResult:
     state_hash: str = ""
     train_loss: float | None = None
     first_step_unix: float | None = None
+    cpu_s: float = 0.0
+    """CPU seconds this rank's process spent on the group (training, collectives, saves)."""
+    window_unix: tuple[float, float] = (0.0, 0.0)
+    """When this rank trained the group (start, end)."""
+    pid: int = field(default_factory=os.getpid)
+    attempt: str | None = None
+    """Rank 0: name of this attempt's record in the store (`attempts/...`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -242,15 +250,33 @@ def _save_shared(store: CheckpointStore, job: RankJob, group: RankGroup, warm: W
     return ref
 
 
-def _chaos_before_step(job: RankJob, store: CheckpointStore, step: int) -> None:
+def _fire(job: RankJob, store: CheckpointStore, kind: str, step: int) -> bool:
+    """True the first time this run reaches the event (recorded, so a rerun does not refire)."""
+    record = ChaosEvent(kind, step, job.rank).record_name
+    if job.rank == 0:
+        record = record.replace("chaos/", "chaos-ranks/", 1) + "-0.0"
+    return store.create_json_exclusive(job.group.run.run_id, record, {
+        "fired_unix": time.time(), "pid": os.getpid(), "worker": progress.worker_name(),
+        "rank": job.rank})
+
+
+def _perturb_one_ulp(trainer: Trainer) -> None:
+    """Silent data corruption as a faulty GPU or DIMM makes it: one weight moves by one ulp."""
+    import torch
+
+    with torch.no_grad():
+        weight = max(trainer.model.parameters(), key=lambda p: p.numel()).view(-1)
+        weight[0] = torch.nextafter(weight[0], weight[0] + 1)
+
+
+def _chaos_before_step(job: RankJob, store: CheckpointStore, step: int,
+                       trainer: Trainer) -> None:
     for kind, at in job.chaos_rank_events:
-        if at != step or kind not in ("raise", "kill-worker", "hang"):
+        if at != step or kind not in ("raise", "kill-worker", "hang", "perturb-replica") \
+                or not _fire(job, store, kind, at):
             continue
-        record = f"chaos/{kind}@{at}.r{job.rank}"
-        if not store.create_json_exclusive(job.group.run.run_id, record,
-                                           {"fired_unix": time.time(), "pid": os.getpid(),
-                                            "worker": progress.worker_name()}):
-            continue
+        if kind == "perturb-replica":
+            _perturb_one_ulp(trainer)
         if kind == "raise":
             raise chaos.ChaosError(f"chaos: raise@{step}/{job.rank}")
         if kind == "kill-worker":
@@ -261,9 +287,27 @@ def _chaos_before_step(job: RankJob, store: CheckpointStore, step: int) -> None:
 
 def _arm_kill_during_save(job: RankJob, store: CheckpointStore, step: int) -> None:
     for kind, at in job.chaos_rank_events:
-        if kind == "kill-during-save" and at == step and store.create_json_exclusive(
-                job.group.run.run_id, f"chaos/{kind}@{at}.r{job.rank}", {"fired_unix": time.time()}):
+        if kind == "kill-during-save" and at == step and _fire(job, store, kind, at):
             os.environ[STORAGE_FAULT_ENV] = "chunks:2"
+
+
+def _corrupt_after_commit(job: RankJob, store: CheckpointStore, ref: CheckpointRef) -> bool:
+    for kind, at in job.chaos_rank_events:
+        if kind == "corrupt-latest" and at == ref.step and _fire(job, store, kind, at):
+            manifest, _ = store.read_manifest(ref.run_id, ref.step)
+            entry = max(manifest.arrays, key=lambda a: a.layout.data_nbytes)
+            chunk = entry.layout.chunks[0]
+            chaos.flip_byte(store.checkpoint_url(ref.run_id, ref.step), entry.layout.name,
+                            chunk.key, chunk.data_nbytes // 2)
+            return True
+    return False
+
+
+def _fail_probe(job: RankJob, store: CheckpointStore, worker: str | None) -> None:
+    for kind, at in job.chaos_rank_events:
+        if kind == "fail-probe" and job.group.first_step < at <= job.group.last_step \
+                and _fire(job, store, kind, at):
+            raise health.WorkerUnhealthy(worker, f"chaos: fail-probe@{at}/{job.rank}")
 
 
 def run_rank(job: RankJob) -> RankResult:
@@ -271,11 +315,13 @@ def run_rank(job: RankJob) -> RankResult:
     g = job.group
     run = g.run
     store = open_store(run.store_url)
+    started_unix = time.time()
     result = RankResult(rank=job.rank, worker=progress.worker_name())
     done = _committed_end(store, g)
     if done is not None:
         result.ref, result.step, result.reused = done.to_dict(), done.step, True
         return result
+    _fail_probe(job, store, result.worker)
     health.probe(store, run.run_id, result.worker)
     group = rank_group_for(Rendezvous.from_dict(job.rendezvous), job.rank)
     warm = take_warm((run.run_id, run.config_hash))
@@ -290,12 +336,42 @@ def run_rank(job: RankJob) -> RankResult:
         drop_warm()
         raise
     trainer = warm.trainer
-    progress.emit(run.run_id, step=trainer.step, phase="ready", rank=job.rank)
+    # Rank 0 keeps the attempt record the flow rebuilds the run's timing from (see
+    # tasks/group_runner.py): it survives a rank that raises or a worker that dies.
+    attempt: dict[str, Any] | None = None
+    if job.rank == 0:
+        result.attempt = f"attempts/{attempt_name(job)}"
+        attempt = {"first_step": g.first_step, "last_step": g.last_step, "pid": os.getpid(),
+                   "worker": result.worker, "started_unix": started_unix,
+                   "ready_unix": time.time(), "rank": 0, "world_size": job.world_size,
+                   "resumed_from_step": result.start_step
+                   if result.restored_from == "checkpoint" else None,
+                   "warm": result.restored_from in ("warm", "peer"),
+                   "restored_from": result.restored_from,
+                   "resumed_productive_s": warm.productive_s, "first_step_unix": None,
+                   "checkpoints": [],
+                   "corrupt": [c | {"fell_back_to": result.start_step} for c in result.corrupt]}
+        store.write_json(run.run_id, result.attempt, attempt)
+
+    def record(**fields: Any) -> None:
+        if attempt is not None:
+            attempt.update(fields)
+            store.write_json(run.run_id, result.attempt, attempt)
+
+    progress.emit(run.run_id, step=trainer.step, phase="ready", rank=job.rank,
+                  attempt=result.attempt)
     productive_s = warm.productive_s
     ref = warm.at_ref
+    cpu_started, wall_started = time.process_time(), time.time()
     try:
+        if trainer.step > g.first_step and trainer.step % g.ckpt_every == 0 and \
+                (ref is None or ref.step != trainer.step):
+            # The attempt before this one was lost while saving this step: save it now (the
+            # shares it wrote already are reused), so the checkpoint schedule has no hole.
+            ref = _save_shared(store, job, group, warm, result,
+                               {"productive_s": productive_s})
         while trainer.step < g.last_step:
-            _chaos_before_step(job, store, trainer.step + 1)
+            _chaos_before_step(job, store, trainer.step + 1, trainer)
             step_result = trainer.train_step()
             productive_s += step_result.seconds
             result.steps_trained += 1
@@ -304,6 +380,7 @@ def run_rank(job: RankJob) -> RankResult:
             result.losses.append((trainer.step, step_result.loss))
             if result.first_step_unix is None:
                 result.first_step_unix = time.time()
+                record(first_step_unix=result.first_step_unix)
             save_s = 0.0
             if trainer.step % g.ckpt_every == 0 or trainer.step == g.last_step:
                 _arm_kill_during_save(job, store, trainer.step)
@@ -312,9 +389,13 @@ def run_rank(job: RankJob) -> RankResult:
                                    {"productive_s": productive_s,
                                     "train_loss": step_result.loss})
                 save_s = time.perf_counter() - t0
+                if ref.step in result.checkpoints:
+                    record(checkpoints=list(result.checkpoints))
+                if _corrupt_after_commit(job, store, ref):
+                    warm.at_ref = None  # the rot is for the next load to find
             progress.emit(run.run_id, step=trainer.step, loss=step_result.loss,
                           tokens=step_result.tokens, seconds=step_result.seconds,
-                          save_s=save_s, rank=job.rank,
+                          save_s=save_s, rank=job.rank, attempt=result.attempt,
                           ckpt=ref.step if ref is not None else None)
     except CollectiveError as err:
         # The failed step applied nothing: this memory is the state after trainer.step.
@@ -331,6 +412,10 @@ def run_rank(job: RankJob) -> RankResult:
         ref = _save_shared(store, job, group, warm, result, {"productive_s": productive_s})
     warm.productive_s = productive_s
     put_warm(warm)
+    result.cpu_s = time.process_time() - cpu_started
+    result.window_unix = (wall_started, time.time())
+    record(checkpoints=list(result.checkpoints), ended_unix=time.time(),
+           bytes_reused=result.bytes_reused)
     result.ref, result.step = ref.to_dict(), ref.step
     result.state_hash = _hash_of(trainer)
     tail = [loss for _, loss in result.losses[-10:]]
@@ -340,4 +425,4 @@ def run_rank(job: RankJob) -> RankResult:
 
 def attempt_name(job: RankJob) -> str:
     """A unique name for this rank's attempt (records, logs)."""
-    return f"{job.group.last_step:012d}-r{job.rank}-{uuid.uuid4().hex[:8]}"
+    return f"{job.group.last_step:012d}-{uuid.uuid4().hex[:8]}"

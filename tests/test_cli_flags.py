@@ -37,7 +37,9 @@ def _refused(tmp_path: Path, corpus: Path, *extra: str) -> str:
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["--workers", "2"], ["--workers", "data parallelism", "not built"]),
+    (["--workers", "3"], ["--workers 3", "cannot be split into 3 equal shares"]),
+    (["--collective-timeout", "5s"], ["--collective-timeout", "--workers >= 2"]),
+    (["--workers", "2", "--chaos", "kill-worker@5/2"], ["kill-worker@5/0.2", "2 ranks"]),
     (["--replicas", "2"], ["--replicas", "replication is not built"]),
     (["--replica-policy", "vote"], ["--replica-policy", "--replicas >= 2", "not built"]),
     (["--mtbf", "2h"], ["--mtbf", "--ckpt-every auto"]),
@@ -55,11 +57,21 @@ def test_cluster_refuses_cold_standby(tmp_path: Path, corpus: Path,
     assert "--standby cold" in line and "--cluster" in line
 
 
-def test_cluster_with_too_few_workers_for_spares_is_refused(tmp_path: Path, corpus: Path,
-                                                            one_worker_scheduler: str) -> None:
-    line = _refused(tmp_path, corpus, "--cluster", one_worker_scheduler, "--spares", "1",
-                    "--cluster-timeout", "2s")
-    assert one_worker_scheduler in line and "1 worker(s)" in line and "needs 2" in line
+@pytest.mark.parametrize("extra, need", [(["--spares", "1"], 2),
+                                         (["--workers", "2", "--spares", "0"], 2)])
+def test_cluster_with_too_few_workers_fails_naming_them(tmp_path: Path, corpus: Path,
+                                                        one_worker_scheduler: str,
+                                                        extra: list[str], need: int) -> None:
+    # Waits up to --no-worker-timeout for workers to join, then fails (exit 1), one line.
+    store = tmp_path / "store"
+    done = run_cli(cli_args(store, corpus, "flags", "--cluster", one_worker_scheduler, *extra,
+                            "--no-worker-timeout", "2s"), timeout_s=120)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert one_worker_scheduler in lines[0] and "1 worker(s)" in lines[0]
+    assert f"needs {need}" in lines[0]
+    assert not store.exists()
 
 
 def test_help_says_what_is_refused() -> None:
@@ -67,10 +79,12 @@ def test_help_says_what_is_refused() -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0
     text = " ".join(done.stdout.split())
-    for flag in ("--workers W", "--replicas R", "--replica-policy {first,vote}"):
+    for flag in ("--replicas R", "--replica-policy {first,vote}"):
         after = text.rsplit(flag, 1)[1].split(" --", 1)[0]  # its help, not the usage line
         assert "refused" in after, (flag, after)
     assert "refused with --cluster" in text
+    workers = text.rsplit("--workers W", 1)[1].split(" --", 1)[0]
+    assert "must divide" in workers and "refused unless" in workers
 
 
 @pytest.mark.slow
