@@ -12,6 +12,7 @@ state at or after the newest checkpoint (tasks/rank_runner.py decides that, on e
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -54,7 +55,8 @@ class RankFailure:
                 "recovered_after_s": round(max(0.0, (self.recovered_unix or self.detected_unix)
                                                - self.failed_unix), 3),
                 "lost_steps": self.lost_steps, "restored_from": self.restored_from,
-                "checkpoint_loads": self.checkpoint_loads, "reason": self.reason}
+                "checkpoint_loads": self.checkpoint_loads, "reason": self.reason,
+                "at_unix": round(self.failed_unix, 3)}
 
 
 @dataclass
@@ -170,14 +172,19 @@ class DataParallelGroups:
                 if isinstance(err, FatalStoreError | ValueError | TypeError) and \
                         not isinstance(err, WorkerUnhealthy):
                     raise err
-            failure = self._diagnose(attempt)
-            pending.append(failure)
+            found = self._diagnose(attempt)
+            pending.extend(found)
+            failure = found[0]
             self.rendezvous = None  # a failed membership is rebuilt, never joined again
-            self.say(f"rank lost: {failure.kind} at step {failure.step} on {failure.worker}: "
-                     f"{failure.reason}; re-forming the group")
+            for f in found:
+                self.say(f"rank lost: {f.kind} at step {f.step} on {f.worker}: {f.reason}; "
+                         "re-forming the group")
             for worker, why in attempt.lost_workers.items():
                 if why == "hung":
-                    self.watch.restart_worker(worker)
+                    # Killed and restarted through its nanny, off the recovery's path: the
+                    # group re-forms on the spares meanwhile.
+                    threading.Thread(target=self.watch.restart_worker, args=(worker,),
+                                     daemon=True).start()
                 self.out_of_service.add(worker)
             tries += 1
             if tries > self.budget:
@@ -243,31 +250,36 @@ class DataParallelGroups:
                     pass
         return attempt
 
-    def _diagnose(self, attempt: _Attempt) -> RankFailure:
+    def _diagnose(self, attempt: _Attempt) -> list[RankFailure]:
+        """One failure per lost worker (or the task error that broke the group)."""
         detected = attempt.first_failure_unix or time.time()
         step = max([p.step + 1 for p in attempt.peer_lost.values()] or [0])
-        if attempt.lost_workers:
-            worker, why = next(iter(attempt.lost_workers.items()))
-            kind = "hang" if why == "hung" else "worker-lost"
-            failed = attempt.failed_unix or detected
+        failures = []
+        for worker, why in attempt.lost_workers.items():
             if why == "hung":
-                # Measured: from the hung rank's last sign of life to the survivors' failed
-                # collective (its timeout), not assumed.
-                failed = self.watch.last_seen.get(worker) or failed
-            return RankFailure(kind, step, worker, failed, detected, reason=why)
+                # Measured: from the hung rank's last sign of life (its last progress event)
+                # to the survivors' collective giving up on it.
+                failed = self.watch.last_seen.get(worker) or detected
+                failures.append(RankFailure("hang", step, worker, failed, detected, reason=why))
+            else:
+                failed = attempt.failed_unix or detected
+                failures.append(RankFailure("worker-lost", step, worker, failed, detected,
+                                            reason=why))
+        if failures:
+            return failures
         for rank, err in attempt.errors.items():
             if isinstance(err, WorkerUnhealthy):
                 # Redundancy: the worker is retired for good; a spare takes its rank.
                 self.watch.quarantine(self.members[rank])
                 self.out_of_service.add(self.members[rank])
-                return RankFailure("quarantine", step, self.members[rank], detected, detected,
-                                   reason=err.reason)
+                return [RankFailure("quarantine", step, self.members[rank], detected, detected,
+                                    reason=err.reason)]
             kind = "sdc" if isinstance(err, RanksDisagree) else "task-error"
             if isinstance(err, RanksDisagree):
                 step = err.step
-            return RankFailure(kind, step, self.members[rank], detected, detected,
-                               reason=f"{type(err).__name__}: {str(err).splitlines()[0]}")
-        return RankFailure("task-error", step, None, detected, detected, reason="peer lost")
+            return [RankFailure(kind, step, self.members[rank], detected, detected,
+                                reason=f"{type(err).__name__}: {str(err).splitlines()[0]}")]
+        return [RankFailure("task-error", step, None, detected, detected, reason="peer lost")]
 
     @staticmethod
     def _combine(results: dict[int, dict[str, Any]]) -> dict[str, Any]:

@@ -336,6 +336,11 @@ def run_rank(job: RankJob) -> RankResult:
         drop_warm()
         raise
     trainer = warm.trainer
+    # Who holds which rank now (operators and fire drills find a rank's process here).
+    store.write_json(run.run_id, f"ranks/{job.rank}", {
+        "pid": os.getpid(), "worker": result.worker, "first_step": g.first_step,
+        "last_step": g.last_step, "step": trainer.step, "unix": time.time(),
+        "namespace": Rendezvous.from_dict(job.rendezvous).namespace})
     # Rank 0 keeps the attempt record the flow rebuilds the run's timing from (see
     # tasks/group_runner.py): it survives a rank that raises or a worker that dies.
     attempt: dict[str, Any] | None = None
