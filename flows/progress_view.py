@@ -22,10 +22,12 @@ class ProgressView:
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-            TextColumn("ckpt {task.fields[ckpt]}"), TimeElapsedColumn(),
+            TextColumn("ckpt {task.fields[ckpt]}"), TextColumn("{task.fields[ranks]}"),
+            TimeElapsedColumn(),
             console=console, disable=not enabled, transient=False)
         self._task = self._progress.add_task(run_id, total=total_steps, completed=start_step,
-                                             loss="-", tps="-", ckpt="-")
+                                             loss="-", tps="-", ckpt="-", ranks="")
+        self._rank_workers: dict[int, str] = {}
         self._window: list[tuple[float, int]] = []
         self._client: Client | None = None
 
@@ -53,6 +55,9 @@ class ProgressView:
         _, msg = event
         if msg.get("run_id") != self.run_id or "loss" not in msg:
             return
+        if "rank" in msg:
+            # Every rank reports its own share of tokens: the sum is the model's throughput.
+            self._rank_workers[int(msg["rank"])] = str(msg.get("worker", "?"))
         now = time.monotonic()
         self._window = [(t, n) for t, n in self._window if now - t < 10.0]
         self._window.append((now, int(msg.get("tokens", 0))))
@@ -60,7 +65,9 @@ class ProgressView:
         tps = sum(n for _, n in self._window) / span if span > 0 else 0.0
         self._progress.update(self._task, completed=int(msg["step"]),
                               loss=f"{float(msg['loss']):.3f}", tps=f"{tps:,.0f}",
-                              ckpt=str(msg.get("ckpt") if msg.get("ckpt") is not None else "-"))
+                              ckpt=str(msg.get("ckpt") if msg.get("ckpt") is not None else "-"),
+                              ranks=f"{len(self._rank_workers)} ranks"
+                              if len(self._rank_workers) > 1 else "")
 
     def set_step(self, step: int, ckpt: int | None = None) -> None:
         self._progress.update(self._task, completed=step,

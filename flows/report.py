@@ -53,6 +53,8 @@ class RunTally:
     """Failures of data-parallel groups as the groups saw them (flows.rank_group.RankFailure)."""
     ranks: list[dict[str, Any]] = field(default_factory=list)
     """The ranks of the last data-parallel group: rank, worker, tokens, train_s."""
+    spare_workers: list[str] = field(default_factory=list)
+    """Workers that held no rank when the run ended (data parallelism)."""
 
     def absorb_group(self, result: dict[str, Any]) -> None:
         """Fold one batch group's result in as it arrives (an epoch that fails later keeps it)."""
@@ -186,7 +188,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table.add_column("value")
     for key in ("status", "reason", "final_step", "resumed_from_step", "train_loss", "eval_loss",
                 "state_hash", "final_checkpoint", "wall_s", "productive_s", "ettr",
-                "checkpoints_committed", "checkpoint_stall_s"):
+                "checkpoints_committed", "checkpoint_stall_s", "workers", "spares"):
         value = summary.get(key)
         if value is None and key == "reason":
             continue
@@ -199,16 +201,29 @@ def summary_table(summary: dict[str, Any]) -> Table:
 
 def failures_table(failures: list[dict[str, Any]]) -> Table:
     table = Table(title="Failures")
-    for col in ("kind", "step", "worker", "detected_after_s", "recovered_after_s", "lost_steps"):
+    cols = ("kind", "step", "worker", "detected_after_s", "recovered_after_s", "lost_steps",
+            "restored_from")
+    for col in cols:
         table.add_column(col)
     for f in failures:
-        table.add_row(*(str(f.get(c)) for c in ("kind", "step", "worker", "detected_after_s",
-                                                 "recovered_after_s", "lost_steps")))
+        table.add_row(*(str(f.get(c)) for c in cols))
+    return table
+
+
+def ranks_table(ranks: list[dict[str, Any]]) -> Table:
+    table = Table(title="Ranks (last batch group)")
+    for col in ("rank", "worker", "pid", "tokens/s", "restored_from"):
+        table.add_column(col)
+    for r in ranks:
+        table.add_row(str(r["rank"]), str(r["worker"]), str(r["pid"]),
+                      f"{r['tokens'] / max(r['train_s'], 1e-9):,.0f}", str(r["restored_from"]))
     return table
 
 
 def print_summary(console: Console, summary: dict[str, Any]) -> None:
     console.print(summary_table(summary))
+    if summary.get("ranks"):
+        console.print(ranks_table(summary["ranks"]))
     if summary.get("failures"):
         console.print(failures_table(summary["failures"]))
 
@@ -218,20 +233,28 @@ def summary_markdown(summary: dict[str, Any], tally: RunTally) -> str:
     lines = [f"# Rebound run `{summary['run_id']}`: {summary['status']}", "",
              "| field | value |", "|---|---|"]
     for key, value in summary.items():
-        if key not in ("failures", "wall_breakdown"):
+        if key not in ("failures", "wall_breakdown", "ranks"):
             lines.append(f"| {key} | {value} |")
     if summary.get("wall_breakdown"):
         wall = max(summary["wall_s"], 1e-9)
         lines += ["", "## Where the wall time went", "", "| part | seconds | share |",
                   "|---|---|---|"]
         lines += [f"| {k} | {v:.3f} | {v / wall:.1%} |" for k, v in summary["wall_breakdown"].items()]
+    if summary.get("ranks"):
+        lines += ["", "## Ranks and spares (last batch group)", "",
+                  "| rank | worker | pid | tokens/s | restored from |", "|---|---|---|---|---|"]
+        lines += [f"| {r['rank']} | {r['worker']} | {r['pid']} | "
+                  f"{r['tokens'] / max(r['train_s'], 1e-9):,.0f} | {r['restored_from']} |"
+                  for r in summary["ranks"]]
+        lines += [f"| spare | {w} | | | |" for w in tally.spare_workers]
     lines += ["", "## Failures", ""]
     if summary["failures"]:
-        lines += ["| kind | step | worker | detected after s | recovered after s | lost steps |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["| kind | step | worker | detected after s | recovered after s | lost steps "
+                  "| restored from |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {f.get('kind')} | {f.get('step')} | {f.get('worker')} | "
                   f"{f.get('detected_after_s')} | {f.get('recovered_after_s')} | "
-                  f"{f.get('lost_steps')} |" for f in summary["failures"]]
+                  f"{f.get('lost_steps')} | {f.get('restored_from')} |"
+                  for f in summary["failures"]]
     else:
         lines.append("none")
     lines += ["", "## Loss and throughput", "",

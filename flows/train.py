@@ -328,6 +328,7 @@ def _train_epochs(plan: RunPlan, params: TrainParams, tally: RunTally, started: 
             if ranks is not None:
                 # The group's own account of its failures replaces the raw scheduler events.
                 tally.rank_failures = list(ranks.failures)
+                tally.spare_workers = ranks.spares()
                 handled = {f.worker for f in ranks.failures} | ranks.out_of_service
                 ranks.release()
                 server.close()

@@ -33,6 +33,7 @@ from tasks.jobs import GroupJob, RunSpec
 from tasks.rank_cache import leave_group, rank_group_for
 from tasks.worker_cache import WarmTrainer, drop_warm, put_warm, take_warm
 from training.config import TrainConfig
+from training.device import resolve_device
 from training.distributed import CollectiveError, RankGroup, Rendezvous
 from training.loop import Trainer
 
@@ -323,7 +324,8 @@ def run_rank(job: RankJob) -> RankResult:
         return result
     _fail_probe(job, store, result.worker)
     health.probe(store, run.run_id, result.worker)
-    group = rank_group_for(Rendezvous.from_dict(job.rendezvous), job.rank)
+    device = str(resolve_device(run.device))
+    group = rank_group_for(Rendezvous.from_dict(job.rendezvous), job.rank, device)
     warm = take_warm((run.run_id, run.config_hash))
     try:
         warm = _agree_on_start(store, job, group, warm, result)
