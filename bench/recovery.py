@@ -39,9 +39,24 @@ beside it in the table and as NAME_min / NAME_max in --json):
   wall_s       the whole contender run, process start to exit (start-up included)
   summary_recovered_s, summary_lost_steps
                Rebound only: the failure entry of its --summary-json, as a cross-check
+With --workers 2 both contenders train data-parallel, two ranks of one torch thread each,
+the same global batch split in two, and lose rank 1 once (SIGKILL) as it starts step K+1:
+  rebound_hot_spare
+            `python -m flows.train --workers 2 --spares 1 --chaos kill-worker@K+1/1`: the
+            surviving rank keeps its state in memory; the group re-forms with the warm spare,
+            which receives that state from its peer (no checkpoint read).
+  torchrun  `torchrun --nproc-per-node=2 ... bench/torchrun_train.py` (gloo all_reduce every
+            step, rank 0 checkpoints every N): the benchmark SIGKILLs rank 1 by PID (ranks.log)
+            half a step after rank 0 logged step K; the elastic agent stops rank 0 and restarts
+            both ranks from the checkpoint.
+  (rebound_no_spare is not run with --workers 2.) The numbers are those above, rank 0's side;
+  Rebound's steps_lost is 0 when the state came from the surviving peer (its attempt record's
+  restored_from is peer or warm: the survivor stopped at step K, as the killed rank never
+  contributed to step K+1's all_reduce), else K - the checkpoint step it resumed from.
 Ratios (higher = Rebound recovers faster; target >= 2), each of medians:
   torchrun_vs_rebound_hot_spare_recovery_time = torchrun recovery_s / rebound_hot_spare recovery_s
   torchrun_vs_rebound_no_spare_recovery_time  = torchrun recovery_s / rebound_no_spare recovery_s
+  torchrun_vs_rebound_recovery_time_dp2 = the same with --workers 2 (target >= 5)
   failed_runs  rounds of this contender that did not complete (their numbers are left out of
                the medians; the exit status is then 1, after the table)
 --json adds "runs": every contender's numbers per round, state_hash and status included.
@@ -154,17 +169,19 @@ def _tail(log: Path, lines: int = 25) -> str:
 # ---- (a) Rebound --------------------------------------------------------------------------
 
 def run_rebound(args: argparse.Namespace, workdir: Path, spares: int) -> dict[str, Any]:
-    """One Rebound run with a worker killed as it starts step kill_after + 1; its numbers."""
+    """One Rebound run with a worker (with --workers 2: rank 1's) killed as it starts step
+    kill_after + 1; its numbers."""
     from storage import open_store  # the store's reader only; nothing of Prefect/Dask here
 
     store_dir = workdir / "store"
     summary_path = workdir / "summary.json"
     kill_step = args.kill_after + 1
+    chaos = f"kill-worker@{kill_step}" + ("/1" if args.workers > 1 else "")
     cmd = [sys.executable, "-m", "flows.train", "--no-progress", "--model", args.model,
            "--steps", str(args.steps), "--group-steps", str(args.group_steps),
-           "--ckpt-every", str(args.ckpt_every), "--workers", "1", "--spares", str(spares),
-           "--keep", str(STEP_S_INTERVALS + 1),
-           "--threads", str(args.threads), "--chaos", f"kill-worker@{kill_step}",
+           "--ckpt-every", str(args.ckpt_every), "--workers", str(args.workers),
+           "--spares", str(spares), "--keep", str(STEP_S_INTERVALS + 1),
+           "--threads", str(args.threads), "--chaos", chaos,
            "--store", str(store_dir), "--run-id", REBOUND_RUN_ID, "--fresh",
            "--summary-json", str(summary_path), *(["--data", args.data] if args.data else [])]
     started = time.time()
@@ -181,7 +198,11 @@ def run_rebound(args: argparse.Namespace, workdir: Path, spares: int) -> dict[st
     summary = json.loads(summary_path.read_text())
     store = open_store(str(store_dir))
     fired = dict(store.list_json(REBOUND_RUN_ID, "chaos"))
-    event = fired.get(f"chaos/kill-worker@{kill_step}")
+    if args.workers > 1:
+        fired = dict(store.list_json(REBOUND_RUN_ID, "chaos-ranks"))
+    # A rank's record is named kill-worker@STEP-REPLICA.RANK (tasks/chaos.py).
+    event = next((doc for name, doc in fired.items()
+                  if name.split("/")[-1].split("-0.")[0] == f"kill-worker@{kill_step}"), None)
     if event is None:
         raise BenchError(f"rebound: chaos kill-worker@{kill_step} never fired (records: {list(fired)})")
     killed_at = float(event["fired_unix"])
@@ -192,9 +213,13 @@ def run_rebound(args: argparse.Namespace, workdir: Path, spares: int) -> dict[st
     if not attempts:
         raise BenchError("rebound: no attempt after the kill completed a step")
     retry = attempts[0]
-    resumed_from = int(retry.get("resumed_from_step") or 0)
+    if retry.get("restored_from") in ("peer", "warm"):
+        # The survivor's memory: it completed kill_after and could not apply kill_after + 1.
+        resumed_from = args.kill_after
+    else:
+        resumed_from = int(retry.get("resumed_from_step") or 0)
     failure = next((f for f in summary.get("failures", [])
-                    if f["kind"] == "kill-worker" and f["step"] == kill_step), {})
+                    if f["kind"] in ("kill-worker", "worker-lost") and f["step"] == kill_step), {})
     return {
         "recovery_s": float(retry["first_step_unix"]) - killed_at,
         "detected_s": float(retry["started_unix"]) - killed_at,
@@ -298,10 +323,11 @@ def _torchrun_cmd() -> list[str]:
 
 
 def _kill_training_child(proc: subprocess.Popen[bytes], steps_log: Path, kill_after: int,
-                         timeout_s: float) -> tuple[float, int]:
-    """Wait for step kill_after in the log, then SIGKILL its process by PID half a step later.
+                         timeout_s: float, victim_rank: int = 0) -> tuple[float, int, int]:
+    """Wait for step kill_after in the log, then SIGKILL rank victim_rank by PID half a step
+    later (rank 0 logs the steps; another rank's PID is the newest in ranks.log).
 
-    Returns (kill time, killed PID).
+    Returns (kill time, killed PID, PID of the process that logged the steps).
     """
     deadline = time.monotonic() + timeout_s
     while True:
@@ -318,19 +344,30 @@ def _kill_training_child(proc: subprocess.Popen[bytes], steps_log: Path, kill_af
     half_step = _median_gap(own) / 2
     time.sleep(max(0.0, hit.unix + half_step - time.time()))
     # By PID, never by name; and only if that PID is still torchrun's own child (not reused).
-    if _parent_pid(hit.pid) != proc.pid:
-        raise BenchError(f"torchrun: training process {hit.pid} is gone or not torchrun's child")
+    victim = hit.pid if victim_rank == 0 else _rank_pid(steps_log.with_name("ranks.log"), victim_rank)
+    if _parent_pid(victim) != proc.pid:
+        raise BenchError(f"torchrun: training process {victim} is gone or not torchrun's child")
     killed_at = time.time()
-    os.kill(hit.pid, signal.SIGKILL)
-    return killed_at, hit.pid
+    os.kill(victim, signal.SIGKILL)
+    return killed_at, victim, hit.pid
+
+
+def _rank_pid(ranks_log: Path, rank: int) -> int:
+    """The newest PID that rank `rank` logged at its start (ranks.log: "rank pid" lines)."""
+    pids = [int(pid) for r, pid in (line.split() for line in ranks_log.read_text().splitlines())
+            if int(r) == rank]
+    if not pids:
+        raise BenchError(f"torchrun: rank {rank} never started")
+    return pids[-1]
 
 
 def run_torchrun(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """One torchrun run whose training child is SIGKILLed after step kill_after; its numbers."""
+    """One torchrun run whose training child (with --workers 2: rank 1) is SIGKILLed after
+    step kill_after; its numbers."""
     out = workdir / "out"
     out.mkdir()
     steps_log = out / "steps.log"
-    cmd = [*_torchrun_cmd(), "--standalone", "--nproc-per-node=1", "--max-restarts=3",
+    cmd = [*_torchrun_cmd(), "--standalone", f"--nproc-per-node={args.workers}", "--max-restarts=3",
            # Loopback only: the rendezvous store must not listen on, or resolve, other interfaces.
            "--local-addr", "127.0.0.1",
            str(TORCHRUN_SCRIPT), "--model", args.model, "--steps", str(args.steps),
@@ -339,18 +376,19 @@ def run_torchrun(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     env = dict(os.environ, MASTER_ADDR="127.0.0.1")
     started = time.time()
     with _process(cmd, workdir, "torchrun", env=env) as proc:
-        killed_at, killed_pid = _kill_training_child(proc, steps_log, args.kill_after,
-                                                     args.timeout)
+        killed_at, killed_pid, logger_pid = _kill_training_child(
+            proc, steps_log, args.kill_after, args.timeout, victim_rank=args.workers - 1)
         _wait(proc, args.timeout, "torchrun", workdir / "torchrun.out")
     wall_s = time.time() - started
 
     steps = _read_steps(steps_log)
-    after = [s for s in steps if s.pid != killed_pid and s.unix > killed_at]
+    # Rank 0 logs the steps; a step of the killed generation never counts as the recovery.
+    after = [s for s in steps if s.pid not in (killed_pid, logger_pid) and s.unix > killed_at]
     if not after:
         raise BenchError("torchrun: no step completed after the kill")
     first = after[0]
     resumed_from = first.step - 1
-    last_done = max(s.step for s in steps if s.pid == killed_pid)
+    last_done = max(s.step for s in steps if s.pid == logger_pid)
     starts = {int(pid): (float(start), float(ready))
               for pid, start, ready, _ in (line.split() for line in
                                            (out / "starts.log").read_text().splitlines())}
@@ -402,7 +440,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kill-after", type=int, default=35,
                    help="the kill comes after this step completed: Rebound kill-worker@K+1, "
                         "torchrun half a step after step K (default 35)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads, both contenders (default 2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per process, both contenders (default 2; 1 per rank "
+                        "with --workers 2)")
+    p.add_argument("--workers", type=int, default=1, choices=(1, 2),
+                   help="1 (default): one training process; 2: two data-parallel ranks, rank 1 "
+                        "killed; contenders rebound_hot_spare and torchrun")
     p.add_argument("--rounds", type=int, default=3,
                    help="repeat every contender, alternating the order; the table shows "
                         "medians and their range (default 3)")
@@ -411,6 +454,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds one contender run may take before it is stopped (default 900)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
+    if args.threads is None:
+        args.threads = 2 if args.workers == 1 else 1
     if min(args.steps, args.ckpt_every, args.group_steps, args.threads, args.rounds) < 1:
         p.error("--steps, --ckpt-every, --group-steps, --threads and --rounds must be >= 1")
     if not 1 <= args.kill_after < args.steps:
@@ -422,16 +467,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    results: dict[str, list[dict[str, Any]]] = {name: [] for name in CONTENDERS}
+    contenders = CONTENDERS if args.workers == 1 else \
+        {k: v for k, v in CONTENDERS.items() if k != "rebound_no_spare"}
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
     with tempfile.TemporaryDirectory(prefix="rebound-bench-recovery-") as tmp:
         for round_no in range(args.rounds):
             # Alternate the order so neither always runs on a machine the other just warmed.
-            order = list(CONTENDERS) if round_no % 2 == 0 else list(reversed(CONTENDERS))
+            order = list(contenders) if round_no % 2 == 0 else list(reversed(contenders))
             for name in order:
                 workdir = Path(tmp) / f"{name}-{round_no}"
                 workdir.mkdir()
                 try:
-                    results[name].append(CONTENDERS[name](args, workdir))
+                    results[name].append(contenders[name](args, workdir))
                 except BenchError as e:
                     # Kept as a failed round: the other contenders' numbers still count, and the
                     # table says how many rounds of this one failed.
@@ -450,7 +497,10 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {f"torchrun_vs_{name}_recovery_time":
               round(by["torchrun"]["recovery_s"] / by[name]["recovery_s"], 3)
               for name in ("rebound_hot_spare", "rebound_no_spare")
-              if by["torchrun"]["recovery_s"] and by[name]["recovery_s"]}
+              if name in by and by["torchrun"]["recovery_s"] and by[name]["recovery_s"]}
+    if args.workers > 1:
+        hot = ratios.pop("torchrun_vs_rebound_hot_spare_recovery_time", None)
+        ratios = {} if hot is None else {"torchrun_vs_rebound_recovery_time_dp2": hot}
     failed = sum(r["failed_runs"] for r in rows)
     if args.json:
         print(json.dumps({"rows": rows, "ratios": ratios, "runs": results}))
@@ -463,7 +513,7 @@ def _print_table(args: argparse.Namespace, rows: list[dict[str, Any]], ratios: d
                  results: dict[str, list[dict[str, Any]]]) -> None:
     print_table(f"bench.recovery: {args.model}, {args.steps} steps, ckpt every "
                 f"{args.ckpt_every}, group {args.group_steps}, kill after step {args.kill_after}, "
-                f"{args.threads} threads, median (min-max) of {args.rounds} round(s)", rows, ratios)
+                f"{args.workers} process(es) x {args.threads} thread(s), median (min-max) of {args.rounds} round(s)", rows, ratios)
     hashes = {r["state_hash"] for runs in results.values() for r in runs if r["state_hash"]}
     for name, runs in results.items():
         for i, r in enumerate(runs):

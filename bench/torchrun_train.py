@@ -3,6 +3,14 @@
     torchrun --standalone --nproc-per-node=1 --max-restarts=3 bench/torchrun_train.py \\
         --model small --steps 60 --ckpt-every 10 --threads 2 --out DIR
 
+With --nproc-per-node 2 (torchrun's WORLD_SIZE > 1) it trains data-parallel: every rank joins
+torch.distributed over gloo (torchrun's env:// rendezvous), takes its equal share of the same
+global batch, and averages gradients with one all_reduce per step. The averaging is Rebound's own
+(RankGroup.average_gradients: one flat buffer per dtype), not DistributedDataParallel's buckets,
+so both reach the same bits; the cost is the same one collective per step. Rank 0 alone logs and
+checkpoints; when any rank dies the elastic agent stops the others and restarts all of them from
+that checkpoint.
+
 The same Trainer (model, data, seed, schedule) as Rebound, with the usual safe checkpointing:
 every N steps `torch.save` to a temporary file, fsync, rename. On (re)start it resumes from that
 checkpoint when there is one; that is all the recovery torchrun gives: when the process dies the
@@ -17,6 +25,7 @@ It writes, under --out:
   starts.log       one line per process start: "pid start_unix ready_unix resumed_from_step"
                    (start: before `import torch`; ready: model built and checkpoint loaded;
                    resumed_from_step -1 when there was no checkpoint)
+  ranks.log        one line per process start: "rank pid" (the benchmark kills a rank by PID)
   final.json       at the end: final step, train loss, and the state_hash of model+optimizer
                    (DESIGN.md §2, the value Rebound's summary reports for the same state)
 """
@@ -36,12 +45,43 @@ import torch  # noqa: E402
 
 from training.config import TrainConfig  # noqa: E402
 from training.data import load_corpus  # noqa: E402
+from training.distributed import RankGroup  # noqa: E402
 from training.loop import Trainer  # noqa: E402
 
 CKPT_NAME = "ckpt.pt"
 STEPS_LOG = "steps.log"
 STARTS_LOG = "starts.log"
 FINAL_JSON = "final.json"
+RANKS_LOG = "ranks.log"
+
+
+class TorchrunGroup:
+    """This rank's share of torchrun's process group, in the shape Trainer's `sync` expects."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        import torch.distributed as dist
+
+        # As Rebound's ranks (training/distributed.py): on one machine gloo must use loopback,
+        # or a restarted group can wait forever to connect over another interface.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        # torchrun keeps one store across restarts: without a prefix per restart round, the
+        # restarted ranks read the dead round's addresses and fail to connect (measured).
+        from datetime import timedelta
+
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                              is_master=False, timeout=timedelta(seconds=60))
+        round_ = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("gloo", store=dist.PrefixStore(f"round{round_}/", store),
+                                rank=rank, world_size=world_size)
+        self.rank, self.world_size, self.device = rank, world_size, torch.device("cpu")
+
+    # The same gradient averaging as Rebound's ranks, so the two reach the same weights.
+    average_gradients = RankGroup.average_gradients
+
+    def _all_reduce(self, t: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
 
 
 def _append_line(path: Path, line: str) -> None:
@@ -92,12 +132,18 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     pid = os.getpid()
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    _append_line(out / RANKS_LOG, f"{rank} {pid}")
 
     cfg = TrainConfig(model=a.model, steps=a.steps, torch_threads=a.threads, device="cpu").resolved()
-    trainer = Trainer(cfg, load_corpus(a.data), device="cpu")
+    sync = TorchrunGroup(rank, world_size) if world_size > 1 else None
+    trainer = Trainer(cfg, load_corpus(a.data), device="cpu", sync=sync)
+    # Every rank loads the same checkpoint (rank 0 wrote it whole), so all start equal.
     resumed = load_checkpoint(trainer, out / CKPT_NAME)
-    _append_line(out / STARTS_LOG, f"{pid} {T_PROCESS:.6f} {time.time():.6f} "
-                                   f"{resumed if resumed is not None else -1}")
+    lead = rank == 0
+    if lead:
+        _append_line(out / STARTS_LOG, f"{pid} {T_PROCESS:.6f} {time.time():.6f} "
+                                       f"{resumed if resumed is not None else -1}")
 
     loss = float("nan")
     while trainer.step < a.steps:
@@ -105,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         loss = result.loss
         # Logged before the checkpoint, like Rebound's first_step_unix: the step is done here.
         # The step's own seconds too: the same number Rebound sums into productive_s.
+        if not lead:
+            continue
         _append_line(out / STEPS_LOG, f"{trainer.step} {time.time():.6f} {pid} {result.seconds:.6f}")
         if trainer.step % a.ckpt_every == 0 or trainer.step == a.steps:
             save_checkpoint(trainer, out / CKPT_NAME)
@@ -112,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     # Imported only now, so the restart path measured above carries no extra import.
     from storage.hashing import state_hash
 
+    if not lead:
+        return 0
     tensors, _ = trainer.capture()
     (out / FINAL_JSON).write_text(json.dumps({"final_step": trainer.step, "train_loss": loss,
                                               "state_hash": state_hash(tensors)}))

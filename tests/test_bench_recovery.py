@@ -75,3 +75,39 @@ def test_recovery_bench_json(prefect_api: str) -> None:
         ratio = out["ratios"][f"torchrun_vs_{name}_recovery_time"]
         medians = [statistics.median(r["recovery_s"] for r in runs[m]) for m in ("torchrun", name)]
         assert ratio == pytest.approx(medians[0] / medians[1], rel=0.01), name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_recovery_bench_json_two_ranks(prefect_api: str) -> None:
+    # Rank 1 of two data-parallel ranks dies starting step 5; checkpoints every 3 steps.
+    steps, ckpt_every, kill_after = 12, 3, 4
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.recovery", "--workers", "2", "--model", "tiny",
+         "--steps", str(steps), "--ckpt-every", str(ckpt_every), "--group-steps", "6",
+         "--kill-after", str(kill_after), "--rounds", "1", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=410)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    rows = {r["method"]: r for r in out["rows"]}
+    runs = out["runs"]
+    assert set(rows) == set(runs) == {"rebound_hot_spare", "torchrun"}
+    for method, row in rows.items():
+        (run,) = runs[method]
+        for key in NUMBERS:
+            assert row[key] == pytest.approx(run[key], abs=1e-3), (method, key)
+            assert row[f"{key}_min"] <= row[key] <= row[f"{key}_max"], (method, key)
+        assert 0 < row["detected_s"] <= row["ready_s"] <= row["recovery_s"], method
+        assert 0 <= row["steps_lost"] <= ckpt_every, method
+        assert run["status"] == "completed" and row["failed_runs"] == 0, method
+    # torchrun restarts both ranks from checkpoint 3: step 4 is redone. Rebound's survivor
+    # kept step 4 in memory and handed it to the spare: nothing is redone.
+    assert rows["torchrun"]["steps_lost"] == kill_after - (kill_after // ckpt_every) * ckpt_every
+    assert rows["rebound_hot_spare"]["steps_lost"] == 0
+    # The same averaging on both sides: the same final weights.
+    hashes = {r["state_hash"] for method_runs in runs.values() for r in method_runs}
+    assert len(hashes) == 1 and None not in hashes, hashes
+    medians = [statistics.median(r["recovery_s"] for r in runs[m])
+               for m in ("torchrun", "rebound_hot_spare")]
+    assert out["ratios"] == {"torchrun_vs_rebound_recovery_time_dp2":
+                             pytest.approx(medians[0] / medians[1], rel=0.01)}
