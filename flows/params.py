@@ -126,7 +126,8 @@ class TrainParams(BaseModel):
         if "collective_timeout" in given and self.workers < 2:
             raise ValueError("--collective-timeout needs --workers >= 2 (a single rank has no "
                              "collectives)")
-        if parse_duration_s(self.collective_timeout) >= parse_duration_s(self.hang_timeout):
+        if self.workers >= 2 and \
+                parse_duration_s(self.collective_timeout) >= parse_duration_s(self.hang_timeout):
             raise ValueError(f"--collective-timeout {self.collective_timeout} must be shorter "
                              f"than --hang-timeout {self.hang_timeout}")
         if self.until is not None and self.steps is not None and self.until > self.steps:

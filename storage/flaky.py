@@ -24,6 +24,9 @@ class FlakyFileSystem(LocalFileSystem):
     """LocalFileSystem whose checkpoint writes fail with a set probability."""
 
     protocol = (PROTOCOL,)
+    # fsspec caches instances by their arguments: a cached one would keep the failure settings
+    # of whoever made it first, whatever the environment says now.
+    cachable = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("auto_mkdir", True)
