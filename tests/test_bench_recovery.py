@@ -100,9 +100,11 @@ def test_recovery_bench_json_two_ranks(prefect_api: str) -> None:
         assert 0 < row["detected_s"] <= row["ready_s"] <= row["recovery_s"], method
         assert 0 <= row["steps_lost"] <= ckpt_every, method
         assert run["status"] == "completed" and row["failed_runs"] == 0, method
-    # torchrun restarts both ranks from checkpoint 3: step 4 is redone. Rebound's survivor
-    # kept step 4 in memory and handed it to the spare: nothing is redone.
-    assert rows["torchrun"]["steps_lost"] == kill_after - (kill_after // ckpt_every) * ckpt_every
+    # torchrun restarts both ranks from its last checkpoint: the steps since are redone (at
+    # least step 4; a tiny step is ~10 ms, so on a busy machine the kill, half a step after
+    # step 4 shows in the log, can land a step later). Rebound's survivor kept its last step in
+    # memory and handed it to the spare: nothing completed is redone.
+    assert 1 <= rows["torchrun"]["steps_lost"] <= ckpt_every
     assert rows["rebound_hot_spare"]["steps_lost"] == 0
     # The same averaging on both sides: the same final weights.
     hashes = {r["state_hash"] for method_runs in runs.values() for r in method_runs}
