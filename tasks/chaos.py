@@ -12,6 +12,7 @@ import signal
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 CHAOS_KINDS = (
     "kill-worker",
@@ -131,3 +132,13 @@ def flip_byte(checkpoint_dir: str, array: str, chunk_key: str, offset: int) -> s
         f.flush()
         os.fsync(f.fileno())
     return path
+
+
+def rot_largest_chunk(store: Any, ref: Any) -> str:
+    """corrupt-latest: flip the middle byte of the first chunk of the checkpoint's largest array
+    (bit rot a verified load must find); returns the file's path."""
+    manifest, _ = store.read_manifest(ref.run_id, ref.step)
+    entry = max(manifest.arrays, key=lambda a: a.layout.data_nbytes)
+    chunk = entry.layout.chunks[0]
+    return flip_byte(store.checkpoint_url(ref.run_id, ref.step), entry.layout.name, chunk.key,
+                     chunk.data_nbytes // 2)

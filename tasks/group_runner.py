@@ -121,11 +121,7 @@ def _corrupt_after_commit(plan: chaos.ChaosPlan, store: CheckpointStore, job: Gr
     """corrupt-latest: flip one byte of one chunk of the checkpoint just committed."""
     for event in plan.events_at(ref.step):
         if event.kind == "corrupt-latest" and _fire(event, store, job.run.run_id):
-            manifest, _ = store.read_manifest(ref.run_id, ref.step)
-            entry = max(manifest.arrays, key=lambda a: a.layout.data_nbytes)
-            chunk = entry.layout.chunks[0]
-            chaos.flip_byte(store.checkpoint_url(ref.run_id, ref.step), entry.layout.name,
-                            chunk.key, chunk.data_nbytes // 2)
+            chaos.rot_largest_chunk(store, ref)
             return True
     return False
 

@@ -295,11 +295,7 @@ def _arm_kill_during_save(job: RankJob, store: CheckpointStore, step: int) -> No
 def _corrupt_after_commit(job: RankJob, store: CheckpointStore, ref: CheckpointRef) -> bool:
     for kind, at in job.chaos_rank_events:
         if kind == "corrupt-latest" and at == ref.step and _fire(job, store, kind, at):
-            manifest, _ = store.read_manifest(ref.run_id, ref.step)
-            entry = max(manifest.arrays, key=lambda a: a.layout.data_nbytes)
-            chunk = entry.layout.chunks[0]
-            chaos.flip_byte(store.checkpoint_url(ref.run_id, ref.step), entry.layout.name,
-                            chunk.key, chunk.data_nbytes // 2)
+            chaos.rot_largest_chunk(store, ref)
             return True
     return False
 
