@@ -49,16 +49,26 @@ OPTION_HELP = {
                "bit-exact with either N, said in the summary)",
     "spares": "spare Dask workers that absorb lost ones (default 1); with --cluster, the "
               "scheduler must have 1 + K workers (waits up to --cluster-timeout, else exit 2)",
-    "standby": "hot (default): spares start with the cluster, warm; cold: no spare processes "
-               "(a lost worker is restarted by its nanny, paying its start-up). Local cluster "
-               "only: refused with --cluster, and cold refuses --spares",
+    "standby": "hot (default): spares start with the cluster, warm; cold: no spare process "
+               "runs until a failure is detected, then the cluster is asked for a new worker "
+               "(paying its start-up). Local cluster only: refused with --cluster",
+    "max_failures_per_worker": "a worker on which batch groups failed F times is unhealthy: "
+                               "quarantined (never used again in this run) and replaced "
+                               "(default 3)",
+    "lease_ttl": "the coordinator's lease on the run (default 30s): a second coordinator exits "
+                 "2 while it is live; a coordinator that cannot renew it stops, and its "
+                 "workers' commits are refused",
+    "vote_every": "with --replica-policy vote: also compare the replicas' state hashes every K "
+                  "steps inside a group (default: at checkpoints and group ends)",
     "cluster": "address of an existing Dask scheduler, e.g. tcp://127.0.0.1:8786; its workers "
                "train and stand by (nothing is started)",
     "device": "auto (CUDA when present, else CPU), cpu or cuda",
     "threads": "torch threads per worker (default: cores / workers)",
-    "replicas": "replica groups: only 1 until replication is built (more is refused)",
-    "replica_policy": "first|vote: which replica wins; needs two replicas or more, so refused "
-                      "until replication is built",
+    "replicas": "replica groups, each a full set of N (--workers) ranks training the same data "
+                "on the same state in lockstep (default 1); workers used: N x R + spares",
+    "replica_policy": "first (default): a group's result comes from the first replica group to "
+                      "finish it; vote: replicas compare state hashes at checkpoints, group ends "
+                      "and every --vote-every steps (a mismatch is silent data corruption)",
     "retries": "retries of a failed batch group before its epoch fails (default 2)",
     "hang_timeout": "a batch group that reports no progress for DUR is hung: its worker is "
                     "restarted and the group rerun (default 5m)",
@@ -114,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help=h["threads"])
     p.add_argument("--replicas", type=int, metavar="R", help=h["replicas"])
     p.add_argument("--replica-policy", choices=("first", "vote"), help=h["replica_policy"])
+    p.add_argument("--vote-every", type=int, metavar="K", help=h["vote_every"])
+    p.add_argument("--max-failures-per-worker", type=int, metavar="F",
+                   help=h["max_failures_per_worker"])
+    p.add_argument("--lease-ttl", metavar="DUR", help=h["lease_ttl"])
     p.add_argument("--retries", type=int, default=2, help=h["retries"])
     p.add_argument("--hang-timeout", default="5m", metavar="DUR", help=h["hang_timeout"])
     p.add_argument("--cluster-timeout", default="30s", metavar="DUR", help=h["cluster_timeout"])

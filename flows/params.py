@@ -47,12 +47,15 @@ class TrainParams(BaseModel):
     collective_timeout: str = Field("30s", description="Bound on a rank's rendezvous and every collective; a rank silent this long is lost.")
     reshard: bool = Field(False, description="Resume a run made with another --workers (not bit-exact; said in the summary).")
     spares: int = Field(1, ge=0, le=64, description="Spare Dask workers that absorb lost ones (on --cluster: checked to be there).")
-    standby: Literal["hot", "cold"] = Field("hot", description="hot: spares start warm; cold: no spares, lost workers are restarted (local cluster only).")
+    standby: Literal["hot", "cold"] = Field("hot", description="hot: spares run warm from the start; cold: no spare process runs until a failure, then the cluster is asked for a new worker.")
+    max_failures_per_worker: int = Field(3, ge=1, le=1000, description="A worker on which batch groups failed this many times is unhealthy: quarantined and replaced.")
+    lease_ttl: str = Field("30s", description="The coordinator's lease on the run: renewed every third of this; a coordinator silent this long loses the run.")
     cluster: str | None = Field(None, description="Address of an existing Dask scheduler (tcp://host:port).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
     threads: int | None = Field(None, ge=1, le=256, description="Torch threads per worker (default: cores / workers).")
-    replicas: int = Field(1, ge=1, le=1, description="Replica groups: only 1 until replication is built.")
-    replica_policy: Literal["first", "vote"] = Field("first", description="Which replica's result wins (needs --replicas >= 2: not built yet).")
+    replicas: int = Field(1, ge=1, le=16, description="Replica groups, each --workers ranks on the same data and state (workers used: workers x replicas + spares).")
+    replica_policy: Literal["first", "vote"] = Field("first", description="first: the first replica group to finish a group wins; vote: replicas compare state hashes (silent data corruption).")
+    vote_every: int | None = Field(None, ge=1, description="With --replica-policy vote: also vote every K steps inside a group (default: at checkpoints and group ends).")
     retries: int = Field(2, ge=0, le=20, description="Retries of a failed batch group.")
     hang_timeout: str = Field("5m", description="A batch group silent this long is hung: its worker is restarted.")
     cluster_timeout: str = Field("30s", description="Scheduler unreachable this long: the run fails (exit 1).")
@@ -68,7 +71,7 @@ class TrainParams(BaseModel):
         return value
 
     @field_validator("time_budget", "mtbf", "hang_timeout", "cluster_timeout", "no_worker_timeout",
-                     "collective_timeout")
+                     "collective_timeout", "lease_ttl")
     @classmethod
     def _is_duration(cls, value: str | None) -> str | None:
         if value is not None:
@@ -90,23 +93,17 @@ class TrainParams(BaseModel):
             raise ValueError("--ckpt-every must be >= 1 or auto")
         return value
 
-    @field_validator("replicas", mode="before")
-    @classmethod
-    def _one_replica(cls, value: object) -> object:
-        if isinstance(value, int) and value > 1:
-            # Said plainly rather than silently training one replica.
-            raise ValueError("--replicas > 1 is not available yet: replication is not built")
-        return value
-
     @model_validator(mode="after")
     def _consistent(self) -> TrainParams:
         given = self.model_fields_set
-        if "replica_policy" in given:
-            raise ValueError("--replica-policy needs --replicas >= 2, which is not available yet: "
-                             "replication is not built")
-        if self.chaos and "perturb-replica" in self.chaos and self.workers < 2:
-            raise ValueError("--chaos perturb-replica needs --workers >= 2 (ranks that vote); "
-                             "replicas are not available yet")
+        if "replica_policy" in given and self.replicas < 2:
+            raise ValueError("--replica-policy needs --replicas >= 2")
+        if "vote_every" in given and self.replica_policy != "vote":
+            raise ValueError("--vote-every needs --replica-policy vote")
+        if self.chaos and "perturb-replica" in self.chaos and self.workers < 2 and \
+                self.replicas < 2:
+            raise ValueError("--chaos perturb-replica needs --replicas >= 2 or --workers >= 2 "
+                             "(someone to compare state hashes with)")
         if self.chaos:
             from tasks.chaos import parse_chaos
 
@@ -117,16 +114,13 @@ class TrainParams(BaseModel):
                                      f"{self.replicas} replica group(s)")
         if "mtbf" in given and self.ckpt_every != "auto":
             raise ValueError("--mtbf is only used by --ckpt-every auto")
-        if self.standby == "cold" and "spares" in given and self.spares > 0:
-            raise ValueError(f"--spares {self.spares} with --standby cold: cold standby starts no "
-                             "spare workers (a lost worker is restarted instead)")
         if self.cluster and self.standby == "cold" and "standby" in given:
             raise ValueError("--standby cold applies to the local cluster: on --cluster the "
                              "scheduler's own workers are the spares")
-        if "collective_timeout" in given and self.workers < 2:
+        if "collective_timeout" in given and self.workers < 2 and self.replicas < 2:
             raise ValueError("--collective-timeout needs --workers >= 2 (a single rank has no "
                              "collectives)")
-        if self.workers >= 2 and \
+        if (self.workers >= 2 or self.replicas >= 2) and \
                 parse_duration_s(self.collective_timeout) >= parse_duration_s(self.hang_timeout):
             raise ValueError(f"--collective-timeout {self.collective_timeout} must be shorter "
                              f"than --hang-timeout {self.hang_timeout}")
@@ -139,7 +133,7 @@ class TrainParams(BaseModel):
         """On --cluster with --workers/--spares given: how many workers the scheduler must have."""
         given = self.model_fields_set
         if self.cluster and {"workers", "spares"} & given:
-            return self.workers + (self.spares if "spares" in given else 0)
+            return self.workers * self.replicas + (self.spares if "spares" in given else 0)
         return None
 
     @property
@@ -153,6 +147,15 @@ class TrainParams(BaseModel):
     @property
     def collective_timeout_s(self) -> float:
         return parse_duration_s(self.collective_timeout)
+
+    @property
+    def lease_ttl_s(self) -> float:
+        return parse_duration_s(self.lease_ttl)
+
+    @property
+    def ranks_total(self) -> int:
+        """Workers that hold a rank: workers x replicas."""
+        return self.workers * self.replicas
 
     @property
     def mtbf_s(self) -> float:
