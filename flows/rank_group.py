@@ -115,6 +115,10 @@ class DataParallelGroups:
         except Exception:  # noqa: BLE001 - a worker that cannot answer is closed anyway
             pass
 
+    def roles(self) -> dict[str, str]:
+        """Worker -> the role it holds now ("replica R rank K"); spares are not listed."""
+        return {w: f"replica 0 rank {r}" for r, w in enumerate(self.members)}
+
     def spares(self) -> list[str]:
         """Workers that hold no rank now."""
         return [w for w in self._alive() if w not in self.members]
