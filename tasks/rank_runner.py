@@ -10,6 +10,7 @@ instead of going back to the last checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import uuid
@@ -31,6 +32,7 @@ from tasks import chaos, health, progress
 from tasks.chaos import ChaosEvent
 from tasks.jobs import GroupJob, RunSpec
 from tasks.rank_cache import leave_group, rank_group_for
+from tasks.replica_board import ReplicasDisagree, announce_commit, await_commit, vote, writer
 from tasks.worker_cache import WarmTrainer, drop_warm, put_warm, take_warm
 from training.config import TrainConfig
 from training.device import resolve_device
@@ -77,6 +79,29 @@ class RankJob:
     """`training.distributed.Rendezvous.to_dict()` of the current membership."""
     chaos_rank_events: tuple[tuple[str, int], ...] = ()
     """(kind, step) chaos events aimed at this rank (DESIGN.md section 6, `KIND@STEP/RANK`)."""
+    replica: int = 0
+    """This rank's replica group (world rank = replica x world_size + rank)."""
+    replicas: int = 1
+    """Replica groups in the membership; the rendezvous holds replicas x world_size ranks."""
+    policy: str = "first"
+    """'first': no votes between replicas; 'vote': state hashes compared at every checkpoint,
+    group end and every `vote_every` steps."""
+    vote_every: int | None = None
+    trusted: tuple[int, str] | None = None
+    """(step, state_hash) the flow settled after a disagreement: state at that step with another
+    hash is never a source."""
+    recompute_to: int | None = None
+    """A third opinion: train from the newest checkpoint to this step, write nothing, return
+    the state hash (the group's own steps are ignored)."""
+
+    @property
+    def world_rank(self) -> int:
+        return self.replica * self.world_size + self.rank
+
+    @property
+    def name(self) -> str:
+        """'r.k' with replicas, else the rank."""
+        return f"{self.replica}.{self.rank}" if self.replicas > 1 else str(self.rank)
 
 
 @dataclass
@@ -85,6 +110,7 @@ class RankResult:
 
     rank: int
     worker: str | None
+    replica: int = 0
     ref: dict[str, Any] = field(default_factory=dict)
     step: int = 0
     reused: bool = False
@@ -115,6 +141,9 @@ class RankResult:
     pid: int = field(default_factory=os.getpid)
     attempt: str | None = None
     """Rank 0: name of this attempt's record in the store (`attempts/...`)."""
+    vote_s: float = 0.0
+    """Seconds spent hashing and comparing state with the other replicas."""
+    votes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,16 +186,22 @@ def _load_newest(store: CheckpointStore, job: GroupJob, trainer: Trainer,
     return None
 
 
-def _agree_on_start(store: CheckpointStore, job: RankJob, group: RankGroup,
+def _agree_on_start(store: CheckpointStore, job: RankJob, row: RankGroup,
                     warm: WarmTrainer | None, result: RankResult) -> WarmTrainer:
-    """Every rank ends with the same trainer state; a peer's memory is preferred to the store."""
+    """Every rank of every replica ends with the same trainer state; a peer's memory is
+    preferred to the store."""
     run = job.group.run
     key = (run.run_id, run.config_hash)
-    trainer = warm.trainer if warm is not None else _build_trainer(run, group)
-    trainer.sync = group
+    group = row.world()
+    trainer = warm.trainer if warm is not None else _build_trainer(run, row)
+    trainer.sync = row
     have = {"step": -1, "hash": ""}
     if warm is not None and job.group.first_step <= trainer.step <= job.group.last_step:
         have = {"step": trainer.step, "hash": _hash_of(trainer)}
+        if job.trusted is not None and job.trusted[0] == have["step"] and \
+                job.trusted[1] != have["hash"]:
+            # The flow settled a disagreement against this state: it is no source.
+            have = {"step": -1, "hash": ""}
     haves = group.all_gather_json(have)
     # The newest committed step, as rank 0 sees it: every rank acts on the same answer.
     newest = None
@@ -213,6 +248,10 @@ def _save_shared(store: CheckpointStore, job: RankJob, group: RankGroup, warm: W
     if len(set(hashes)) != 1:
         raise RanksDisagree(trainer.step, hashes)
     session = Rendezvous.from_dict(job.rendezvous).namespace
+    if job.replicas > 1:
+        # A replica taking over from a dropped writer never mixes its shares with the
+        # dropped one's half-written ones.
+        session = f"{session}-r{job.replica}"
     for delay in SAVE_RETRY_DELAYS_S + (None,):
         try:
             receipt = store.write_share(run.run_id, trainer.step, tensors, session=session,
@@ -232,7 +271,7 @@ def _save_shared(store: CheckpointStore, job: RankJob, group: RankGroup, warm: W
         try:
             ref = store.commit_shares(run.run_id, trainer.step,
                                       [ShareReceipt.from_json(r) for r in receipts], meta,
-                                      session=session)
+                                      session=session, lease_epoch=run.lease_epoch)
             stats = store.last_save_stats
             outcome = {"ref": ref.to_dict(),
                        "committed": stats is None or stats.outcome == "committed"}
@@ -253,8 +292,8 @@ def _save_shared(store: CheckpointStore, job: RankJob, group: RankGroup, warm: W
 
 def _fire(job: RankJob, store: CheckpointStore, kind: str, step: int) -> bool:
     """True the first time this run reaches the event (recorded, so a rerun does not refire)."""
-    record = ChaosEvent(kind, step, job.rank).record_name
-    if job.rank == 0:
+    record = ChaosEvent(kind, step, job.rank, job.replica).record_name
+    if job.rank == 0 and job.replica == 0:
         record = record.replace("chaos/", "chaos-ranks/", 1) + "-0.0"
     return store.create_json_exclusive(job.group.run.run_id, record, {
         "fired_unix": time.time(), "pid": os.getpid(), "worker": progress.worker_name(),
@@ -307,21 +346,87 @@ def _fail_probe(job: RankJob, store: CheckpointStore, worker: str | None) -> Non
             raise health.WorkerUnhealthy(worker, f"chaos: fail-probe@{at}/{job.rank}")
 
 
+def _is_vote_step(job: RankJob, step: int) -> bool:
+    if job.replicas < 2 or job.policy != "vote":
+        return False
+    g = job.group
+    return step == g.last_step or step % g.ckpt_every == 0 or \
+        (job.vote_every is not None and step % job.vote_every == 0)
+
+
+def _vote(job: RankJob, group: RankGroup, trainer: Trainer, result: RankResult) -> None:
+    t0 = time.perf_counter()
+    vote(group, trainer.step, _hash_of(trainer))
+    result.vote_s += time.perf_counter() - t0
+    result.votes += 1
+
+
+def _checkpoint(store: CheckpointStore, job: RankJob, group: RankGroup, warm: WarmTrainer,
+                result: RankResult, extra: dict[str, Any]) -> CheckpointRef | None:
+    """Save at a checkpoint step. With replicas one replica writes (the lowest not dropped);
+    the others write nothing, except that at the group's end they wait for its commit and take
+    over when the writer is dropped, so a group never ends without its checkpoint."""
+    if job.replicas < 2:
+        return _save_shared(store, job, group, warm, result, extra)
+    step = warm.trainer.step
+    while True:
+        by = writer(group)
+        if by == job.replica:
+            ref = _save_shared(store, job, group, warm, result, extra)
+            if group.rank == 0:
+                announce_commit(group, step, ref.to_dict())
+            return ref
+        if by is None or step != job.group.last_step:
+            return None
+        done = await_commit(group, step, by)
+        if done is not None:
+            ref = CheckpointRef.from_dict(done)
+            warm.at_ref = ref
+            return ref
+
+
+def _recompute(job: RankJob, store: CheckpointStore, group: RankGroup,
+               result: RankResult) -> RankResult:
+    """A third opinion: from the newest checkpoint to `recompute_to`, nothing written."""
+    run = job.group.run
+    trainer = _build_trainer(run, group)
+    target = dataclasses.replace(job.group, last_step=int(job.recompute_to or 0))
+    ref = _load_newest(store, target, trainer, result)
+    result.restored_from = "checkpoint" if ref is not None else None
+    result.start_step = trainer.step
+    while trainer.step < target.last_step:
+        step_result = trainer.train_step()
+        result.steps_trained += 1
+        result.train_s += step_result.seconds
+    result.step = trainer.step
+    result.state_hash = _hash_of(trainer)
+    put_warm(WarmTrainer((run.run_id, run.config_hash), trainer, None, 0.0))
+    return result
+
+
 def run_rank(job: RankJob) -> RankResult:
     """Train (first_step, last_step] as one rank of a data-parallel group."""
     g = job.group
     run = g.run
     store = open_store(run.store_url)
     started_unix = time.time()
-    result = RankResult(rank=job.rank, worker=progress.worker_name())
-    done = _committed_end(store, g)
+    result = RankResult(rank=job.rank, worker=progress.worker_name(), replica=job.replica)
+    done = _committed_end(store, g) if job.recompute_to is None else None
     if done is not None:
         result.ref, result.step, result.reused = done.to_dict(), done.step, True
         return result
     _fail_probe(job, store, result.worker)
     health.probe(store, run.run_id, result.worker)
     device = str(resolve_device(run.device))
-    group = rank_group_for(Rendezvous.from_dict(job.rendezvous), job.rank, device)
+    group = rank_group_for(Rendezvous.from_dict(job.rendezvous), job.world_rank, device,
+                           row_size=job.world_size)
+    if job.recompute_to is not None:
+        drop_warm()
+        try:
+            return _recompute(job, store, group, result)
+        except CollectiveError as err:
+            leave_group()
+            raise PeerLost(job.rank, -1, str(err)) from None
     warm = take_warm((run.run_id, run.config_hash))
     try:
         warm = _agree_on_start(store, job, group, warm, result)
@@ -335,18 +440,19 @@ def run_rank(job: RankJob) -> RankResult:
         raise
     trainer = warm.trainer
     # Who holds which rank now (operators and fire drills find a rank's process here).
-    store.write_json(run.run_id, f"ranks/{job.rank}", {
+    store.write_json(run.run_id, f"ranks/{job.name}", {
         "pid": os.getpid(), "worker": result.worker, "first_step": g.first_step,
         "last_step": g.last_step, "step": trainer.step, "unix": time.time(),
-        "namespace": Rendezvous.from_dict(job.rendezvous).namespace})
+        "replica": job.replica, "namespace": Rendezvous.from_dict(job.rendezvous).namespace})
     # Rank 0 keeps the attempt record the flow rebuilds the run's timing from (see
     # tasks/group_runner.py): it survives a rank that raises or a worker that dies.
     attempt: dict[str, Any] | None = None
-    if job.rank == 0:
+    if job.rank == 0 and job.replica == 0:
         result.attempt = f"attempts/{attempt_name(job)}"
         attempt = {"first_step": g.first_step, "last_step": g.last_step, "pid": os.getpid(),
                    "worker": result.worker, "started_unix": started_unix,
                    "ready_unix": time.time(), "rank": 0, "world_size": job.world_size,
+                   "replicas": job.replicas,
                    "resumed_from_step": result.start_step
                    if result.restored_from == "checkpoint" else None,
                    "warm": result.restored_from in ("warm", "peer"),
@@ -362,7 +468,7 @@ def run_rank(job: RankJob) -> RankResult:
             store.write_json(run.run_id, result.attempt, attempt)
 
     progress.emit(run.run_id, step=trainer.step, phase="ready", rank=job.rank,
-                  attempt=result.attempt)
+                  replica=job.replica, attempt=result.attempt)
     productive_s = warm.productive_s
     ref = warm.at_ref
     cpu_started, wall_started = time.process_time(), time.time()
@@ -371,8 +477,10 @@ def run_rank(job: RankJob) -> RankResult:
                 (ref is None or ref.step != trainer.step):
             # The attempt before this one was lost while saving this step: save it now (the
             # shares it wrote already are reused), so the checkpoint schedule has no hole.
-            ref = _save_shared(store, job, group, warm, result,
-                               {"productive_s": productive_s})
+            if _is_vote_step(job, trainer.step):
+                _vote(job, group, trainer, result)
+            ref = _checkpoint(store, job, group, warm, result,
+                              {"productive_s": productive_s}) or ref
         while trainer.step < g.last_step:
             _chaos_before_step(job, store, trainer.step + 1, trainer)
             step_result = trainer.train_step()
@@ -384,35 +492,47 @@ def run_rank(job: RankJob) -> RankResult:
             if result.first_step_unix is None:
                 result.first_step_unix = time.time()
                 record(first_step_unix=result.first_step_unix)
+            if _is_vote_step(job, trainer.step):
+                _vote(job, group, trainer, result)
             save_s = 0.0
             if trainer.step % g.ckpt_every == 0 or trainer.step == g.last_step:
                 _arm_kill_during_save(job, store, trainer.step)
                 t0 = time.perf_counter()
-                ref = _save_shared(store, job, group, warm, result,
-                                   {"productive_s": productive_s,
-                                    "train_loss": step_result.loss})
+                ref = _checkpoint(store, job, group, warm, result,
+                                  {"productive_s": productive_s,
+                                   "train_loss": step_result.loss}) or ref
                 save_s = time.perf_counter() - t0
-                if ref.step in result.checkpoints:
+                if ref is not None and ref.step in result.checkpoints:
                     record(checkpoints=list(result.checkpoints))
-                if _corrupt_after_commit(job, store, ref):
+                if ref is not None and ref.step == trainer.step and \
+                        _corrupt_after_commit(job, store, ref):
                     warm.at_ref = None  # the rot is for the next load to find
             progress.emit(run.run_id, step=trainer.step, loss=step_result.loss,
                           tokens=step_result.tokens, seconds=step_result.seconds,
-                          save_s=save_s, rank=job.rank, attempt=result.attempt,
-                          ckpt=ref.step if ref is not None else None)
-    except CollectiveError as err:
-        # The failed step applied nothing: this memory is the state after trainer.step.
+                          save_s=save_s, rank=job.rank, replica=job.replica,
+                          attempt=result.attempt, ckpt=ref.step if ref is not None else None)
+        if ref is None or ref.step != trainer.step:
+            if _is_vote_step(job, trainer.step) and not result.votes:
+                _vote(job, group, trainer, result)
+            ref = _checkpoint(store, job, group, warm, result,
+                              {"productive_s": productive_s}) or ref
+    except (CollectiveError, ReplicasDisagree) as err:
+        # The failed step applied nothing, and a vote compares a finished step: this memory is
+        # the state after trainer.step (the flow decides whom to trust after a disagreement).
         warm.at_ref = ref if ref is not None and ref.step == trainer.step else None
         warm.productive_s = productive_s
         leave_group()
         put_warm(warm)
+        if isinstance(err, ReplicasDisagree):
+            raise
         raise PeerLost(job.rank, trainer.step, str(err)) from None
     except BaseException:
         leave_group()
         drop_warm()
         raise
     if ref is None or ref.step != trainer.step:
-        ref = _save_shared(store, job, group, warm, result, {"productive_s": productive_s})
+        raise RuntimeError(f"replica {job.replica}: no checkpoint of step {trainer.step} "
+                           "was committed (every writer dropped)")
     warm.productive_s = productive_s
     put_warm(warm)
     result.cpu_s = time.process_time() - cpu_started

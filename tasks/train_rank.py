@@ -19,7 +19,7 @@ from tasks.rank_runner import RankJob, run_rank
     retries=0,
     cache_policy=NO_CACHE,
     persist_result=False,
-    task_run_name="steps {job.group.first_step}-{job.group.last_step} rank {job.rank}",
+    task_run_name="steps {job.group.first_step}-{job.group.last_step} rank {job.name}",
 )
 def train_rank(job: RankJob) -> dict[str, Any]:
     """Train one rank's share of a batch group; return the group's checkpoint ref + metrics."""

@@ -89,6 +89,15 @@ class RendezvousServer:
         """A meeting point for `world_size` ranks under a fresh namespace."""
         return Rendezvous(self.host, self.port, namespace, world_size, timeout.total_seconds())
 
+    def post(self, namespace: str, key: str, value: str) -> None:
+        """Put a small value on a membership's board (ranks read it with `RankGroup.board`)."""
+        self._store.set(f"{namespace}/board/{key}", value)
+
+    def read(self, namespace: str, key: str) -> str | None:
+        """A value on a membership's board, None when absent."""
+        full = f"{namespace}/board/{key}"
+        return self._store.get(full).decode() if self._store.check([full]) else None
+
     def close(self) -> None:
         """Stop serving (ranks still waiting on it fail their next call)."""
         del self._store
@@ -107,19 +116,36 @@ def _backend_for(device: torch.device) -> str:
 
 
 class RankGroup:
-    """This process's membership in one data-parallel group.
+    """This process's membership in one data-parallel group (one replica's row of ranks).
 
     torch keeps one default process group per process; a Dask worker runs one rank at a time,
     so a new membership destroys the old group first (rebuilt, never patched).
+
+    With replicas (`row_size` < the rendezvous' world size) the default group spans every
+    replica's ranks (world rank = replica x row_size + rank) and each replica trains on a
+    subgroup of its own, so a rank lost in one replica breaks no other replica's collectives.
+    `rank`, `world_size` and every collective of this object are the row's; `world()` gives a
+    view over all replicas for agreeing on the start state, used only while every rank is up.
     """
 
-    def __init__(self, rdv: Rendezvous, rank: int, device: torch.device | str = "cpu") -> None:
-        if not 0 <= rank < rdv.world_size:
-            raise ValueError(f"rank {rank} is outside a world of {rdv.world_size}")
+    def __init__(self, rdv: Rendezvous, rank: int, device: torch.device | str = "cpu",
+                 row_size: int | None = None) -> None:
+        total = rdv.world_size
+        row_size = row_size or total
+        if row_size < 1 or total % row_size:
+            raise ValueError(f"row size {row_size} does not divide a world of {total}")
+        if not 0 <= rank < total:
+            raise ValueError(f"rank {rank} is outside a world of {total}")
         self.rdv = rdv
-        self.rank = rank
-        self.world_size = rdv.world_size
+        self.world_rank = rank
+        self.world_total = total
+        self.replica, self.rank = divmod(rank, row_size)
+        self.world_size = row_size
+        self.replicas = total // row_size
         self.device = torch.device(device)
+        self._pg: Any = None
+        """The row's subgroup (None: the default group is the row)."""
+        self._offset = self.replica * row_size
         if rdv.host in _LOOPBACK:
             # gloo picks the interface of the host name otherwise; on one machine that can be
             # an address the other ranks cannot reach. Across machines the user's setting wins.
@@ -129,11 +155,30 @@ class RankGroup:
         try:
             client = dist.TCPStore(rdv.host, rdv.port, is_master=False, timeout=rdv.timeout)
             store = dist.PrefixStore(rdv.namespace + "/", client)
+            self.board = dist.PrefixStore(rdv.namespace + "/board", client)
+            """Small keys shared by every replica through the coordinator (votes, commits)."""
             dist.init_process_group(_backend_for(self.device), store=store, rank=rank,
-                                    world_size=rdv.world_size, timeout=rdv.timeout)
+                                    world_size=total, timeout=rdv.timeout)
+            if self.replicas > 1 and row_size > 1:
+                # Every rank creates every row's subgroup, in the same order (torch's rule).
+                for r in range(self.replicas):
+                    pg = dist.new_group(list(range(r * row_size, (r + 1) * row_size)),
+                                        timeout=rdv.timeout)
+                    if r == self.replica:
+                        self._pg = pg
         except (RuntimeError, OSError, dist.DistError) as err:
             raise CollectiveError(f"rank {rank} could not join {rdv.namespace!r} at "
                                   f"{rdv.host}:{rdv.port}: {_one_line(err)}") from None
+
+    def world(self) -> RankGroup:
+        """A view of this membership over every replica's ranks (same processes, world ranks)."""
+        if self.replicas == 1:
+            return self
+        view = object.__new__(RankGroup)
+        view.__dict__.update(self.__dict__)
+        view.rank, view.world_size, view.replica = self.world_rank, self.world_total, 0
+        view.replicas, view._pg, view._offset = 1, None, 0
+        return view
 
     @property
     def alive(self) -> bool:
@@ -253,34 +298,47 @@ class RankGroup:
 
     # -- the collectives, with errors made ours -----------------------------------------------
 
+    def _solo(self) -> bool:
+        # A row of one rank inside a replicated world: its collectives are the identity.
+        return self.world_size == 1 and self.world_total > 1 and self._pg is None
+
     def _all_reduce(self, t: torch.Tensor) -> None:
+        if self._solo():
+            return
         try:
-            dist.all_reduce(t)
+            dist.all_reduce(t, group=self._pg)
         except (RuntimeError, dist.DistError) as err:
             raise CollectiveError(f"all_reduce failed on rank {self.rank}: {_one_line(err)}") \
                 from None
 
     def _all_gather(self, out: list[torch.Tensor], t: torch.Tensor) -> None:
+        if self._solo():
+            out[0].copy_(t)
+            return
         try:
             if self.device.type == "cuda":
                 on_device = [o.to(self.device) for o in out]
-                dist.all_gather(on_device, t.to(self.device))
+                dist.all_gather(on_device, t.to(self.device), group=self._pg)
                 for o, d in zip(out, on_device, strict=True):
                     o.copy_(d.cpu())
             else:
-                dist.all_gather(out, t)
+                dist.all_gather(out, t, group=self._pg)
         except (RuntimeError, dist.DistError) as err:
             raise CollectiveError(f"all_gather failed on rank {self.rank}: {_one_line(err)}") \
                 from None
 
     def _broadcast(self, t: torch.Tensor, src: int) -> None:
+        if self._solo():
+            return
+        # torch names the source by its rank in the default group, also for a subgroup.
+        global_src = self._offset + src if self._pg is not None else src
         try:
             if self.device.type == "cuda":
                 on_device = t.to(self.device)
-                dist.broadcast(on_device, src)
+                dist.broadcast(on_device, global_src, group=self._pg)
                 t.copy_(on_device.cpu())
             else:
-                dist.broadcast(t, src)
+                dist.broadcast(t, global_src, group=self._pg)
         except (RuntimeError, dist.DistError) as err:
             raise CollectiveError(f"broadcast from rank {src} failed on rank {self.rank}: "
                                   f"{_one_line(err)}") from None
