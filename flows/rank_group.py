@@ -429,7 +429,10 @@ class DataParallelGroups:
                 failures.append(RankFailure("hang", step, worker, failed, detected, reason=why))
             else:
                 failed = attempt.failed_unix or detected
-                failures.append(RankFailure("worker-lost", step, worker, failed, detected,
+                # No peer reported the step (a replica of one rank): the worker's own last
+                # progress event says which step was in flight.
+                at = step or self.watch.last_step.get(worker, -1) + 1
+                failures.append(RankFailure("worker-lost", at, worker, failed, detected,
                                             reason=why))
         if failures:
             return failures
