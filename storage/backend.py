@@ -133,12 +133,15 @@ class Staging(Protocol):
         ...
 
     def commit(
-        self, final: str, marker_name: str, marker: bytes, files: Sequence[str] | None = None
+        self, final: str, marker_name: str, marker: bytes, files: Sequence[str] | None = None,
+        fence: Callable[[], None] | None = None,
     ) -> bool:
         """Publish as ``final`` with the commit marker; False when another commit won.
 
         ``files`` (relative paths) are what a shared staging holds for this checkpoint: other
-        processes wrote most of them, so this handle cannot know them itself."""
+        processes wrote most of them, so this handle cannot know them itself. ``fence`` (the
+        lease check, ``storage.lease``) runs under the commit's lock right before the commit
+        becomes visible; when it raises, nothing is published."""
         ...
 
     def discard(self) -> None:

@@ -63,19 +63,28 @@ class FsspecStaging:
         pass  # a completed put is durable on an object store
 
     def commit(
-        self, final: str, marker_name: str, marker: bytes, files: Sequence[str] | None = None
+        self, final: str, marker_name: str, marker: bytes, files: Sequence[str] | None = None,
+        fence: Callable[[], None] | None = None,
     ) -> bool:
         b = self._b
         marker_path = f"{final}/{marker_name}"
         with b.step_lock(final, give_up=lambda: b.exists(marker_path)) as held:
             if not held or b.exists(marker_path):
                 return False  # another writer committed this step: its files stay untouched
+            if fence is not None:
+                fence()  # refuse before copying anything
             if b.exists(final):
                 b.remove_tree(final)  # a dead claimer's partial copy: nobody else writes here now
             for i, rel in enumerate(self._files if files is None else files):
                 b.fs.copy(b.p(f"{self.path}/{rel}"), b.p(f"{final}/{rel}"))
                 if i == 0:
                     faults.point("mid-copy")
+            if fence is not None:
+                try:
+                    fence()  # again right before the marker: the copy may have taken long
+                except BaseException:
+                    b.remove_tree(final)  # our copy, never marked: we still hold the claim
+                    raise
             b.fs.pipe_file(b.p(marker_path), marker)
             won = b.read_bytes(marker_path) == marker  # a store that broke the claim's promise
         self.discard()

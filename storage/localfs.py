@@ -192,7 +192,8 @@ class LocalStaging:
                 _fsync_dir(d)
 
     def commit(
-        self, final: str, marker_name: str, marker: bytes, files: Sequence[str] | None = None
+        self, final: str, marker_name: str, marker: bytes, files: Sequence[str] | None = None,
+        fence: Callable[[], None] | None = None,
     ) -> bool:
         from storage import faults
 
@@ -209,6 +210,8 @@ class LocalStaging:
             os.fsync(self._dir_fd)
         faults.point("before-rename")
         with lock:
+            if fence is not None:
+                fence()  # under the lock a lease takeover also takes: nothing fits in between
             try:
                 os.rename(self.path, final)
             except OSError as e:

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from storage import faults
+from storage import faults, lease
 from storage.dtypes import lookup
 from storage.errors import classify_os_error
 from storage.hashing import bytes_hash
@@ -119,7 +119,8 @@ class ShardedSaves:
         )
 
     def commit_shares(
-        self, run_id: str, step: int, receipts: Sequence[ShareReceipt], metadata: dict, *, session: str
+        self, run_id: str, step: int, receipts: Sequence[ShareReceipt], metadata: dict, *,
+        session: str, lease_epoch: int | None = None,
     ) -> CheckpointRef:
         """Commit the checkpoint every rank of ``session`` wrote a share of (one rank calls it).
 
@@ -127,8 +128,11 @@ class ShardedSaves:
         group documents, manifest and marker are written and the staging area published as
         ``save`` publishes (same exactly-one-winner guarantee, same "existing" outcome when
         the step is committed and verifies). ``last_save_stats`` sums the shares' I/O.
+        ``lease_epoch`` fences the commit as in ``save``.
 
         Raises:
+            LeaseLostError: the lease epoch is stale or expired (nothing committed; the
+                shares stay; fatal).
             ShareError: a share missing, given twice, or not matching the plan (nothing committed).
             ValueError/TypeError: bad metadata or session.
             TransientStoreError/FatalStoreError: as ``save``; the shares stay for a retry.
@@ -178,7 +182,8 @@ class ShardedSaves:
             manifest_hash = bytes_hash(manifest_bytes)
             faults.point("before-commit")
             files = [*merged.files, *doc_hashes.keys() - merged.files.keys(), MANIFEST]
-            won = staging.commit(final, MARKER, encode_marker(run_id, step, manifest_hash), files)
+            won = staging.commit(final, MARKER, encode_marker(run_id, step, manifest_hash), files,
+                                 fence=lease.fence(self.backend, run_id, lease_epoch))
         except OSError as e:
             staging.abandon()  # never discard: the other ranks' shares are reused by a retry
             raise classify_os_error(e, self.url, what) from e

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from storage import faults
+from storage import faults, lease
 from storage.backend import Backend, Staging
 from storage.checks import check_structure, scan
 from storage.errors import (
@@ -140,15 +140,21 @@ class CheckpointStore(ShardedSaves):
         ]
 
     # ---- save --------------------------------------------------------------------------
-    def save(self, run_id: str, step: int, tensors: Mapping[str, Any], metadata: dict) -> CheckpointRef:
+    def save(
+        self, run_id: str, step: int, tensors: Mapping[str, Any], metadata: dict, *,
+        lease_epoch: int | None = None,
+    ) -> CheckpointRef:
         """Write and atomically commit one checkpoint; see the module doc for the layout.
 
         Idempotent: when ``step`` is already committed and verifies, returns its ref without
         writing. A committed step that fails verification is removed and written anew. When
         another writer commits the same step first, its checkpoint is verified and its ref
-        returned.
+        returned. ``lease_epoch`` fences the commit (``storage.lease``): it is refused unless
+        that epoch is the run's live lease when the commit is about to become visible; None
+        commits unfenced (tools, tests of the storage layer).
 
         Raises:
+            LeaseLostError: the lease epoch is stale or expired (nothing committed; fatal).
             ValueError/TypeError: bad names, dtypes or metadata (nothing written).
             TransientStoreError: the filesystem failed; nothing was committed, and the chunks
                 written so far are reused by the next attempt.
@@ -175,7 +181,8 @@ class CheckpointStore(ShardedSaves):
                 self.config.chunk_bytes, stats, self.config.io_threads,
             )
             faults.point("before-commit")
-            won = staging.commit(final, MARKER, staged.marker)
+            won = staging.commit(final, MARKER, staged.marker,
+                                 fence=lease.fence(self.backend, run_id, lease_epoch))
         except OSError as e:
             err = classify_os_error(e, self.url, f"saving {run_id}@{step}")
             if isinstance(err, FatalStoreError):
@@ -482,8 +489,15 @@ class CheckpointStore(ShardedSaves):
         return out
 
     def delete_run(self, run_id: str) -> None:
-        """Remove a run with all its checkpoints and documents (``--fresh``)."""
-        self._io(lambda: self.backend.remove_tree(validate_run_id(run_id)), run_id)
+        """Remove a run with all its checkpoints and documents (``--fresh``).
+
+        Its lease (``storage.lease``) stays: the coordinator starting the run over holds it,
+        and lease epochs must keep counting up (a stale coordinator's epoch must not become
+        current again)."""
+        run = validate_run_id(run_id)
+        for name in self._io(lambda: self.backend.list_dir(run), run):
+            if name != lease.LEASE_DIR:
+                self._io(lambda n=name: self.backend.remove_tree(f"{run}/{n}"), run)
 
     def _io(self, fn: Callable[[], Any], what: str) -> Any:
         try:
