@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+from datetime import timedelta
 from typing import Any, NoReturn
 
 from pydantic import ValidationError
@@ -186,7 +187,22 @@ def main(argv: list[str] | None = None, server_port: int | None = None) -> int:
                 f"{params.no_worker_timeout}; --workers {params.workers} --spares "
                 f"{params.spares} needs {need}\n")
             return EXIT_FAILED
-    return _run(params, plan, server_port, started, show_progress=not args.no_progress)
+    from flows.lease_keeper import LeaseHeld, LeaseKeeper
+    from storage import StoreError, open_store
+
+    # One coordinator at a time (DESIGN.md section 8): the lease is taken before any server or
+    # cluster starts, and a live one held by another coordinator is refused with nothing touched.
+    try:
+        keeper = LeaseKeeper(open_store(params.store), plan.run.run_id,
+                             timedelta(seconds=params.lease_ttl_s))
+    except LeaseHeld as err:
+        sys.stderr.write(f"error: {err}\n")
+        return EXIT_USAGE
+    except StoreError as err:  # the store refuses the lease's few bytes: nothing can run
+        sys.stderr.write(f"error: run {plan.run.run_id} failed: {err}\n")
+        return EXIT_FAILED
+    with keeper:  # released (expired now) on the way out, unless it was lost
+        return _run(params, plan, server_port, started, show_progress=not args.no_progress)
 
 
 def _run(params: Any, plan: Any, server_port: int | None, started: float, show_progress: bool) -> int:

@@ -13,6 +13,7 @@ if __name__ == "__main__":
     _SERVER_PORT = prepare_environment()
 
 import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from datetime import timedelta  # noqa: E402
@@ -32,6 +33,7 @@ from flows.failures import (  # noqa: E402
     run_attempts,
 )
 from flows.group_submit import mark_crashed, submit_supervised  # noqa: E402
+from flows.lease_keeper import HeldLease, flow_lease  # noqa: E402
 from flows.params import TrainParams  # noqa: E402
 from flows.plan import (  # noqa: E402
     ConfigurationError,
@@ -381,11 +383,24 @@ def train(params: TrainParams) -> dict[str, Any]:
 
     Raises:
         RunFailed: the run failed; it carries the summary, true on this path too.
+        LeaseHeld: another coordinator holds the run (flows/lease_keeper.py).
     """
     started = time.time()
     plan = build_plan(params)
+    # One coordinator at a time (DESIGN.md section 8): the CLI's lease, or one taken here.
+    with flow_lease(params.store, plan.run.run_id, timedelta(seconds=params.lease_ttl_s)) as held:
+        # Every commit of this run carries the lease's epoch: a stale one is refused.
+        plan.run = dataclasses.replace(plan.run, lease_epoch=held.epoch)
+        return _train_holding(params, plan, started, held)
+
+
+def _train_holding(params: TrainParams, plan: RunPlan, started: float,
+                   held: HeldLease) -> dict[str, Any]:
+    """The body of `train`, under the run's lease."""
     tally = RunTally(plan.run.run_id, params.store, started)
     try:
+        if lost := held.lost():
+            raise lost  # lost while the cluster started: fail before writing anything
         _prepare_store(plan, params)
         ref = _resume_point(plan, tally)
         status, reason = _train_epochs(plan, params, tally, started, ref)
@@ -397,6 +412,13 @@ def train(params: TrainParams) -> dict[str, Any]:
         status, reason = "failed", str(err)
     except Exception as err:  # noqa: BLE001 - every failure still ends with a true summary
         status, reason = "failed", f"{type(err).__name__}: {_first_line(err)}"
+    if status == "failed" and (lost := held.lost()):
+        # A refused commit says so itself; whatever else failed, the lost lease is named too.
+        if "lease lost" not in (reason or ""):
+            reason = f"{reason}; {lost}" if reason else str(lost)
+        for error in tally.errors:
+            if error["reason"].startswith("lease lost"):
+                error["kind"] = "lease-lost"
     ended = time.time()
     breakdown = _tell_the_truth(tally, started, ended)
     summary = build_summary(tally, status, reason, ended - started)

@@ -12,8 +12,9 @@ import time
 import uuid
 from datetime import timedelta
 
-from storage import CheckpointRef, CorruptCheckpointError, TransientStoreError, open_store
+from storage import CheckpointRef, CorruptCheckpointError, TransientStoreError, lease, open_store
 from storage.faults import ENV as STORAGE_FAULT_ENV
+from storage.lease import LeaseLostError
 from storage.store import CheckpointStore
 from tasks import chaos, health, progress
 from tasks.jobs import GroupJob, GroupResult, RunSpec
@@ -134,7 +135,8 @@ def _save(store: CheckpointStore, warm: WarmTrainer, result: GroupResult, run: R
     meta["config_hash"] = run.config_hash
     for attempt, delay in enumerate(SAVE_RETRY_DELAYS_S + (None,)):
         try:
-            ref = store.save(run.run_id, warm.trainer.step, tensors, meta)
+            ref = store.save(run.run_id, warm.trainer.step, tensors, meta,
+                             lease_epoch=run.lease_epoch)
             os.environ.pop(STORAGE_FAULT_ENV, None)  # an armed fault is for one save only
             break
         except TransientStoreError as err:
@@ -173,6 +175,9 @@ def run_group(job: GroupJob) -> GroupResult:
     if done is not None:
         result.ref, result.step, result.reused = done.to_dict(), done.step, True
         return result
+    if run.lease_epoch is not None:
+        # A coordinator that lost its lease stops at the next group: no training to throw away.
+        lease.check(store.backend, run.run_id, run.lease_epoch)
     started_unix = time.time()
     plan = chaos.parse_chaos(run.chaos_spec)
     random_events = plan.random_events(int(run.train_config.get("seed", 0)), job.first_step,
@@ -236,6 +241,13 @@ def run_group(job: GroupJob) -> GroupResult:
             if past_deadline:
                 result.stopped_early = True
                 break
+    except LeaseLostError as err:
+        drop_warm()
+        # The commit was refused: say so where the run's story is kept (a stale coordinator
+        # may not be there to hear the task's error).
+        attempt["lease_lost"] = {"step": trainer.step, "unix": time.time(), "reason": str(err)}
+        _record_attempt(store, job, attempt_name, attempt)
+        raise
     except BaseException:
         drop_warm()
         raise

@@ -26,6 +26,9 @@ class RunSpec:
     """auto | cpu | cuda."""
     keep_last: int = 3
     """Retention: the newest checkpoints kept (plus protected epoch ends)."""
+    lease_epoch: int | None = None
+    """The coordinator's lease epoch (`storage.lease`): every commit carries it and is refused
+    once another coordinator took the run over or the lease expired; None = unfenced."""
 
 
 @dataclass(frozen=True)
