@@ -25,6 +25,7 @@ import pytest
 from storage_helpers import SMALL_CHUNK, numpy_state
 
 from storage import CheckpointNotFoundError, lease, open_store
+from storage.claims import _proc_start
 from storage.lease import Lease, LeaseHeld, LeaseLostError, this_holder
 from storage.store import CheckpointStore
 from tests.cli_helpers import (
@@ -195,6 +196,65 @@ def test_lease_errors_cross_process_boundaries() -> None:
     again = pickle.loads(pickle.dumps(lost))
     assert type(again) is LeaseLostError and str(again) == str(lost)
     assert str(lost).startswith(f"lease lost on run {RUN}: ")
+
+
+# ---- the coordinator's keeper ---------------------------------------------------------------
+def test_keeper_renews_then_a_renewal_past_expiry_loses_it_for_good(tmp_path: Path) -> None:
+    from flows.lease_keeper import LeaseKeeper
+
+    store = open_store(str(tmp_path / "store"), durability="none")
+    keeper = LeaseKeeper(store, RUN, SHORT)
+    try:
+        first = lease.read(store, RUN)
+        _wait_until(lambda: time.time() > first.expires_unix + SHORT.total_seconds(), 5,
+                    "two TTLs")
+        assert keeper.lost() is None and lease.read(store, RUN).live()  # renewed all along
+        with pytest.raises(LeaseHeld):
+            lease.acquire(store, RUN, this_holder(), SHORT)
+        # A pause: the keeper's next renewal is held up (it waits for the record's lock)
+        # until its lease has expired.
+        with store.backend.step_lock(f"{RUN}/{lease.LEASE_DIR}/record.json"):
+            stuck = lease.read(store, RUN)
+            _wait_until(lambda: not stuck.live(), 5, "the expiry")
+            time.sleep(SHORT.total_seconds() / 2)  # the keeper's renewal is due meanwhile
+        _wait_until(lambda: keeper.lost() is not None, 5, "the keeper to see its loss")
+        assert "not renewed in time" in str(keeper.lost())
+        time.sleep(SHORT.total_seconds())  # a few more periods: no renewal ever again
+        assert lease.read(store, RUN) == stuck
+    finally:
+        keeper.close()
+    assert lease.read(store, RUN) == stuck  # a lost lease is not released either
+
+
+def test_flow_lease_uses_this_process_lease_or_takes_its_own(tmp_path: Path) -> None:
+    from flows.lease_keeper import flow_lease
+
+    store = open_store(str(tmp_path / "store"), durability="none")
+    url = str(tmp_path / "store")
+    # No lease yet (a deployment run): the flow takes one, and releases it at its end.
+    with flow_lease(url, RUN, SHORT) as held:
+        assert held.epoch == 1 and held.lost() is None
+        assert lease.read(store, RUN).holder.is_this_process()
+    assert not lease.read(store, RUN).live()
+    # Held by this process (the CLI's keeper): the flow runs under it and leaves it alone.
+    cli = lease.acquire(store, RUN, this_holder(), timedelta(minutes=5))
+    with flow_lease(url, RUN, SHORT) as held:
+        assert held.epoch == cli.epoch == 2 and held.lost() is None
+    assert lease.read(store, RUN) == cli
+    # Not renewed (the CLI's keeper was paused while the cluster started): the flow sees it.
+    lease.release(store, cli)
+    cli = lease.acquire(store, RUN, this_holder(), SHORT)
+    with flow_lease(url, RUN, SHORT) as held:
+        _wait_until(lambda: held.lost() is not None, 5, "the unrenewed lease to expire")
+        assert "expired" in str(held.lost())
+    # A live holder elsewhere that stops renewing: a flow waits for its expiry, then takes over.
+    parent = dataclasses.replace(this_holder(), pid=os.getppid(),
+                                 pid_start=_proc_start(os.getppid()))
+    assert not parent.is_dead() and not parent.is_this_process()
+    theirs = lease.acquire(store, RUN, parent, SHORT)
+    with flow_lease(url, RUN, SHORT) as held:
+        assert time.time() >= theirs.expires_unix  # waited for it
+        assert held.epoch == theirs.epoch + 1 and lease.read(store, RUN).holder.is_this_process()
 
 
 # ---- two coordinators, real CLI processes ---------------------------------------------------
