@@ -210,6 +210,7 @@ def _run(params: Any, plan: Any, server_port: int | None, started: float, show_p
     from flows.plan import ConfigurationError
     from flows.prefect_env import local_prefect_server, rebound_home
     from flows.progress_view import ProgressView
+    from flows.redundancy import local_cluster_size
     from flows.report import (
         RunTally,
         build_summary,
@@ -233,16 +234,19 @@ def _run(params: Any, plan: Any, server_port: int | None, started: float, show_p
                 local_prefect_server_async(local_prefect_server, server_port))
             address = params.cluster
             if address is None:
-                n_workers = params.workers + (params.spares if params.standby == "hot" else 0)
                 cluster = stack.enter_context(
-                    local_cluster(n_workers, rebound_home() / "dask", use_gpu))
+                    local_cluster(local_cluster_size(params), rebound_home() / "dask", use_gpu))
                 address = cluster.scheduler_address
             view = stack.enter_context(ProgressView(
                 console, plan.run.run_id, plan.stop_at, 0,
                 enabled=show_progress and sys.stderr.isatty()))
             view.attach(address)
             server_ready()
-            summary = train(params.model_copy(update={"cluster": address}))
+            # The flow gets the cluster's address; its parameters were validated above, with the
+            # flags the user gave: validated again as a whole, a cluster the CLI started itself
+            # would read as a user's --cluster (refused with --standby cold).
+            summary = train.with_options(validate_parameters=False)(
+                params.model_copy(update={"cluster": address}))
     except KeyboardInterrupt:
         status, reason = EXIT_FAILED, "interrupted"
     except RunFailed as failed:

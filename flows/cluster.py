@@ -19,6 +19,12 @@ check_versions()
 
 CLUSTER_START_TIMEOUT = timedelta(seconds=120)
 
+MANAGERS: dict[str, LocalCluster] = {}
+"""Scheduler address -> the LocalCluster this process started, while it runs. The CLI starts the
+cluster and hands the flow only its address (a Prefect parameter cannot hold a live object):
+the flow, in the same process, finds the manager here to ask it for replacement workers
+(flows/redundancy.py). An address missing here is an external cluster: no manager."""
+
 DASK_SETTINGS = {
     # A worker is declared dead when its heartbeats stop for this long. Our batch groups are
     # compute-bound for many seconds, but torch releases the GIL, so heartbeats keep flowing:
@@ -74,9 +80,12 @@ def local_cluster(n_workers: int, local_directory: Path, use_gpu: bool) -> Itera
             preload=["tasks.preload"],
             resources={"GPU": 1} if use_gpu else None,
         )
+    address = cluster.scheduler_address
+    MANAGERS[address] = cluster
     try:
         yield cluster
     finally:
+        MANAGERS.pop(address, None)
         cluster.close(timeout=30)
 
 

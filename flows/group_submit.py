@@ -10,6 +10,7 @@ group is submitted again, up to a budget.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -68,6 +69,17 @@ def _result_supervised(future: Any, watch: ClusterWatch, dog: Watchdog, what: st
                        f"could be fetched")
 
 
+def _count_failed_groups(watch: ClusterWatch, since_unix: float, succeeded: Any) -> None:
+    """Error monitoring: every attempt of this group that failed counts against its worker
+    (flows.supervise.ClusterWatch.count_failure). Prefect retries a raising task in place and
+    reports only the last try, so the attempts are read from the tasks' own progress events:
+    each attempt but the one that returned `succeeded` failed on its worker."""
+    ok = succeeded.get("attempt") if isinstance(succeeded, dict) else None
+    for attempt, worker in watch.attempts_since(since_unix).items():
+        if attempt != ok:
+            watch.count_failure(worker, "task-error")
+
+
 def submit_supervised(submit: Callable[[], Any],
                       placement: Callable[[bool], AbstractContextManager],
                       watch: ClusterWatch, dog: Watchdog, what: str, budget: int,
@@ -82,6 +94,7 @@ def submit_supervised(submit: Callable[[], Any],
     """
     failures = 0
     pinned = True
+    since = time.time()
     while True:
         try:
             with placement(pinned):
@@ -95,7 +108,9 @@ def submit_supervised(submit: Callable[[], Any],
                 raise InfrastructureError(f"{what}: could not submit: {err}") from None
             continue
         try:
-            return _result_supervised(future, watch, dog, what)
+            result = _result_supervised(future, watch, dog, what)
+            _count_failed_groups(watch, since, result)
+            return result
         except TaskStranded as err:
             future.wrapped_future.cancel()
             try:
@@ -110,7 +125,7 @@ def submit_supervised(submit: Callable[[], Any],
         except WorkerUnhealthy as err:
             # Redundancy: take the worker out of the cluster; a spare (or any other) takes over.
             if err.worker:
-                watch.quarantine(err.worker)
+                watch.quarantine(err.worker, err.reason)
             failures += 1
             on_infra_failure("unhealthy-worker", str(err))
             if failures > budget:
@@ -132,3 +147,7 @@ def submit_supervised(submit: Callable[[], Any],
             if failures > budget:
                 raise InfrastructureError(f"{what} failed {failures} times on lost workers; "
                                           f"last: {reason}") from None
+        except Exception:
+            # The group failed past its retries (its epoch is retried): each try counts.
+            _count_failed_groups(watch, since, None)
+            raise

@@ -9,6 +9,7 @@ from distributed import Client
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from flows.redundancy import REDUNDANCY_TOPIC
 from tasks.progress import PROGRESS_TOPIC
 
 
@@ -23,10 +24,11 @@ class ProgressView:
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
             TextColumn("ckpt {task.fields[ckpt]}"), TextColumn("{task.fields[ranks]}"),
-            TimeElapsedColumn(),
+            TextColumn("{task.fields[redundancy]}"), TimeElapsedColumn(),
             console=console, disable=not enabled, transient=False)
         self._task = self._progress.add_task(run_id, total=total_steps, completed=start_step,
-                                             loss="-", tps="-", ckpt="-", ranks="")
+                                             loss="-", tps="-", ckpt="-", ranks="",
+                                             redundancy="")
         self._rank_workers: dict[int, str] = {}
         self._window: list[tuple[float, int]] = []
         self._client: Client | None = None
@@ -39,6 +41,7 @@ class ProgressView:
         if self._client is not None:
             try:
                 self._client.unsubscribe_topic(PROGRESS_TOPIC)
+                self._client.unsubscribe_topic(REDUNDANCY_TOPIC)
             except Exception:  # noqa: BLE001 - the cluster may already be gone
                 pass
             self._client.close()
@@ -50,6 +53,19 @@ class ProgressView:
             return
         self._client = Client(scheduler_address, timeout="30s", set_as_default=False)
         self._client.subscribe_topic(PROGRESS_TOPIC, self._on_event)
+        self._client.subscribe_topic(REDUNDANCY_TOPIC, self._on_redundancy)
+
+    def _on_redundancy(self, event: tuple[float, dict[str, Any]]) -> None:
+        """The flow's redundancy state (flows/redundancy.py): spares and quarantined counts."""
+        _, msg = event
+        if msg.get("run_id") != self.run_id:
+            return
+        holding = max(1, len(self._rank_workers))
+        line = (f"{msg['standby']} · spares {max(0, msg['workers'] - holding)} · "
+                f"quarantined {msg['quarantined']}")
+        if msg.get("replacing"):
+            line += f" · replacing {msg['replacing']}"
+        self._progress.update(self._task, redundancy=line)
 
     def _on_event(self, event: tuple[float, dict[str, Any]]) -> None:
         _, msg = event

@@ -51,18 +51,31 @@ class RunTally:
     """Attempt name -> (train_s, ckpt_s) summed from its progress events (all attempts)."""
     rank_failures: list[Any] = field(default_factory=list)
     """Failures of data-parallel groups as the groups saw them (flows.rank_group.RankFailure)."""
+    votes: int = 0
+    """Votes between replicas (per rank), and the seconds they took (slowest rank)."""
+    vote_s: float = 0.0
+    steps_trained: int = 0
     ranks: list[dict[str, Any]] = field(default_factory=list)
     """The ranks of the last data-parallel group: rank, worker, tokens, train_s."""
     spare_workers: list[str] = field(default_factory=list)
     """Workers that held no rank when the run ended (data parallelism)."""
+    last_worker: str | None = None
+    """The worker that ran the last batch group whose result came back."""
+    redundancy: dict[str, Any] | None = None
+    """summary["redundancy"]: standby, spares, roles, quarantined workers, replacements and the
+    cluster's size at start and end (flows.redundancy.redundancy_state)."""
 
     def absorb_group(self, result: dict[str, Any]) -> None:
         """Fold one batch group's result in as it arrives (an epoch that fails later keeps it)."""
         self.losses += [tuple(x) for x in result["losses"]]
+        self.last_worker = result.get("worker") or self.last_worker
         if result["train_s"] > 0:
             self.throughput.append((result["step"], result["tokens"] / result["train_s"]))
         if result.get("attempt"):
             self.group_totals[result["attempt"]] = (result["train_s"], result["ckpt_s"])
+        self.votes += int(result.get("votes", 0))
+        self.vote_s += float(result.get("vote_s", 0.0))
+        self.steps_trained += int(result.get("steps_trained", 0))
 
     def absorb_eval(self, step: int, loss: float) -> None:
         self.evals.append((step, loss))
@@ -103,9 +116,28 @@ def build_summary(tally: RunTally, status: str, reason: str | None, wall_s: floa
         "ettr": round(min(1.0, productive / wall_s), 4),
         "checkpoints_committed": tally.checkpoints_committed,
         "checkpoint_stall_s": round(tally.checkpoint_stall_s, 3),
-        "failures": tally.failures,
+        "failures": with_replacement_s(tally.failures, tally.redundancy),
     }
+    if tally.redundancy is not None:
+        summary["redundancy"] = tally.redundancy
     return summary
+
+
+def with_replacement_s(failures: list[dict[str, Any]],
+                       redundancy: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The failures, each whose worker was replaced with `replacement_s` (request to join):
+    what waiting for a new worker cost, the difference between cold and hot standby."""
+    out = [dict(f) for f in failures]
+    for r in (redundancy or {}).get("replacements", []):
+        if r["joined_unix"] is None:
+            continue
+        mine = [f for f in out if f.get("worker") == r["for"] and "replacement_s" not in f]
+        # The replacement answers the newest failure on that worker before it was asked for.
+        before = [f for f in mine if (f.get("at_unix") or 0) <= r["requested_unix"]]
+        if mine:
+            f = before[-1] if before else mine[0]
+            f["replacement_s"] = round(r["joined_unix"] - r["requested_unix"], 3)
+    return out
 
 
 def _measure(windows: list[tuple[float, float]]) -> float:
@@ -220,12 +252,54 @@ def ranks_table(ranks: list[dict[str, Any]]) -> Table:
     return table
 
 
+def redundancy_table(redundancy: dict[str, Any]) -> Table:
+    size = redundancy.get("cluster_size", {})
+    table = Table(title=f"Redundancy: {redundancy['standby']} standby, "
+                        f"{redundancy['spares_wanted']} spare(s) wanted, cluster "
+                        f"{size.get('start')} -> {size.get('end')} workers")
+    for col in ("worker", "role", "note"):
+        table.add_column(col)
+    for worker, role in redundancy["roles"].items():
+        table.add_row(worker, role, "")
+    for worker in redundancy["spares"]:
+        table.add_row(worker, "spare", "")
+    for q in redundancy["quarantined"]:
+        table.add_row(q["worker"], "quarantined", q["reason"])
+    for r in redundancy["replacements"]:
+        joined = (f"joined after {r['joined_unix'] - r['requested_unix']:.1f} s"
+                  if r["joined_unix"] is not None else "never joined")
+        table.add_row(str(r["worker"]), "replacement", f"for {r['for']} ({r['why']}), {joined}")
+    return table
+
+
 def print_summary(console: Console, summary: dict[str, Any]) -> None:
     console.print(summary_table(summary))
     if summary.get("ranks"):
         console.print(ranks_table(summary["ranks"]))
+    if summary.get("redundancy"):
+        console.print(redundancy_table(summary["redundancy"]))
     if summary.get("failures"):
         console.print(failures_table(summary["failures"]))
+
+
+def redundancy_markdown(redundancy: dict[str, Any]) -> list[str]:
+    """The redundancy section of the artifact: who holds what, who was quarantined and why,
+    and what each replacement cost."""
+    size = redundancy.get("cluster_size", {})
+    lines = ["", "## Redundancy", "",
+             f"{redundancy['standby']} standby, {redundancy['spares_wanted']} spare(s) wanted; "
+             f"cluster size {size.get('start')} at the start, {size.get('end')} at the end "
+             f"(target {size.get('target')}).", "",
+             "| worker | role | note |", "|---|---|---|"]
+    lines += [f"| {w} | {role} | |" for w, role in redundancy["roles"].items()]
+    lines += [f"| {w} | spare | |" for w in redundancy["spares"]]
+    lines += [f"| {q['worker']} | quarantined | {q['reason']} |"
+              for q in redundancy["quarantined"]]
+    for r in redundancy["replacements"]:
+        joined = (f"joined {r['joined_unix'] - r['requested_unix']:.1f} s after the request"
+                  if r["joined_unix"] is not None else "never joined")
+        lines.append(f"| {r['worker']} | replacement | for {r['for']} ({r['why']}), {joined} |")
+    return lines
 
 
 def summary_markdown(summary: dict[str, Any], tally: RunTally) -> str:
@@ -233,7 +307,7 @@ def summary_markdown(summary: dict[str, Any], tally: RunTally) -> str:
     lines = [f"# Rebound run `{summary['run_id']}`: {summary['status']}", "",
              "| field | value |", "|---|---|"]
     for key, value in summary.items():
-        if key not in ("failures", "wall_breakdown", "ranks"):
+        if key not in ("failures", "wall_breakdown", "ranks", "redundancy"):
             lines.append(f"| {key} | {value} |")
     if summary.get("wall_breakdown"):
         wall = max(summary["wall_s"], 1e-9)
@@ -247,13 +321,16 @@ def summary_markdown(summary: dict[str, Any], tally: RunTally) -> str:
                   f"{r['tokens'] / max(r['train_s'], 1e-9):,.0f} | {r['restored_from']} |"
                   for r in summary["ranks"]]
         lines += [f"| spare | {w} | | | |" for w in tally.spare_workers]
+    if summary.get("redundancy"):
+        lines += redundancy_markdown(summary["redundancy"])
     lines += ["", "## Failures", ""]
     if summary["failures"]:
         lines += ["| kind | step | worker | detected after s | recovered after s | lost steps "
-                  "| restored from |", "|---|---|---|---|---|---|---|"]
+                  "| restored from | replacement s |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {f.get('kind')} | {f.get('step')} | {f.get('worker')} | "
                   f"{f.get('detected_after_s')} | {f.get('recovered_after_s')} | "
-                  f"{f.get('lost_steps')} | {f.get('restored_from')} |"
+                  f"{f.get('lost_steps')} | {f.get('restored_from')} | "
+                  f"{f.get('replacement_s', '')} |"
                   for f in summary["failures"]]
     else:
         lines.append("none")

@@ -8,6 +8,10 @@ the flow keeps its own Dask client to the scheduler and watches:
 - the scheduler's `remove-worker` events: when a worker was lost (failure detection time);
 - the scheduler itself and the worker count: gone for longer than their timeouts, the run fails
   with a one-line reason instead of waiting forever.
+It also keeps the cluster's health: groups failed per worker (`count_failure`), unhealthy
+workers quarantined with their reason, and - through the run's Provisioner
+(flows/redundancy.py) - a replacement asked for each quarantined worker and, with cold standby,
+each lost one.
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distributed import Client
 
 from tasks.progress import PROGRESS_TOPIC
+
+if TYPE_CHECKING:
+    from flows.redundancy import Provisioner
 
 
 class InfrastructureError(RuntimeError):
@@ -81,7 +88,15 @@ class ClusterWatch:
         self.hangs: list[dict[str, Any]] = []
         self.quarantined: list[dict[str, Any]] = []
         self.last_seen: dict[str, float] = {}
+        self.last_step: dict[str, int] = {}
+        """Worker -> the step of its last progress event."""
         self.attempts: dict[str, AttemptTotals] = {}
+        self.attempt_workers: dict[str, tuple[str, float]] = {}
+        """Attempt name -> (worker, when its first event arrived): who ran which attempt."""
+        self.provisioner: Provisioner | None = None
+        self.max_failures_per_worker = 0
+        self.failures_per_worker: dict[str, int] = {}
+        self._restarting: set[str] = set()
         self.client.subscribe_topic(PROGRESS_TOPIC, self._on_progress)
         self.client.subscribe_topic("all", self._on_cluster_event)
 
@@ -92,6 +107,11 @@ class ClusterWatch:
                 self.last_progress_unix = time.time()
                 self.last_progress_worker = msg.get("worker")
                 self.last_seen[str(msg.get("worker"))] = float(msg.get("unix", time.time()))
+                if "step" in msg:
+                    self.last_step[str(msg.get("worker"))] = int(msg["step"])
+                if msg.get("attempt") and msg.get("worker"):
+                    self.attempt_workers.setdefault(str(msg["attempt"]),
+                                                    (str(msg["worker"]), time.time()))
                 if "seconds" in msg and msg.get("attempt"):
                     totals = self.attempts.setdefault(str(msg["attempt"]), AttemptTotals())
                     totals.trained_s += float(msg["seconds"])
@@ -99,13 +119,65 @@ class ClusterWatch:
                     totals.steps += 1
 
     def _on_cluster_event(self, event: tuple[float, dict[str, Any]]) -> None:
+        # Runs on the client's event-loop thread: record and hand on, never call the scheduler
+        # synchronously from here (it would wait on this very thread).
         stamp, msg = event
-        if isinstance(msg, dict) and msg.get("action") == "remove-worker":
+        if not isinstance(msg, dict):
+            return
+        provisioner = self.provisioner
+        if msg.get("action") == "remove-worker":
             worker = str(msg.get("worker"))
             with self._lock:
                 self.losses.append(WorkerLoss(worker, float(stamp),
                                               [str(k) for k in msg.get("processing-tasks", [])],
                                               time.time(), self.last_seen.get(worker)))
+            if provisioner is not None:
+                provisioner.left(worker)
+                # Cold standby: a lost worker is replaced on demand. Ours to skip: a worker we
+                # quarantined (replaced already) or restarted (its nanny brings it back).
+                if provisioner.standby == "cold" and worker not in self._restarting and \
+                        not self.is_quarantined(worker):
+                    provisioner.replace(worker, "lost")
+        elif msg.get("action") == "add-worker" and provisioner is not None:
+            provisioner.joined(str(msg.get("worker")), float(stamp))
+
+    def keep_size(self, provisioner: Provisioner, max_failures_per_worker: int) -> None:
+        """Replace quarantined (and, cold, lost) workers through `provisioner`; a worker on
+        which `max_failures_per_worker` groups failed is quarantined."""
+        self.provisioner = provisioner
+        self.max_failures_per_worker = max_failures_per_worker
+
+    def post(self, msg: dict[str, Any]) -> None:
+        """Publish the redundancy state on the scheduler without blocking (any thread)."""
+        from flows.redundancy import REDUNDANCY_TOPIC
+
+        try:
+            self.client.loop.add_callback(self.client.scheduler.log_event,
+                                          topic=REDUNDANCY_TOPIC, msg={"run_id": self.run_id} | msg)
+        except Exception:  # noqa: BLE001 - a view's update is not worth failing a run over
+            pass
+
+    def attempts_since(self, unix: float) -> dict[str, str]:
+        """Attempt name -> worker, for attempts whose first event arrived at or after unix."""
+        with self._lock:
+            return {a: w for a, (w, seen) in self.attempt_workers.items() if seen >= unix}
+
+    def is_quarantined(self, worker: str) -> bool:
+        return any(q["worker"] == worker for q in list(self.quarantined))
+
+    def count_failure(self, worker: str, kind: str) -> bool:
+        """Count a group failed on `worker`; at --max-failures-per-worker the worker is
+        quarantined (and replaced). Returns True when this failure quarantined it. A worker
+        already gone or quarantined is not counted: nothing more can be taken from it."""
+        if self.is_quarantined(worker) or any(loss.worker == worker for loss in self.losses):
+            return False
+        with self._lock:
+            count = self.failures_per_worker[worker] = self.failures_per_worker.get(worker, 0) + 1
+        if self.max_failures_per_worker < 1 or count < self.max_failures_per_worker:
+            return False
+        self.quarantine(worker, f"{count} batch group(s) failed on it (last: {kind}); "
+                                f"--max-failures-per-worker {self.max_failures_per_worker}")
+        return True
 
     def touch(self) -> None:
         """Restart the silence clock (a new group was just submitted)."""
@@ -156,11 +228,19 @@ class ClusterWatch:
 
     def restart_worker(self, worker: str) -> None:
         """Kill and restart one worker process through its nanny (its tasks go elsewhere)."""
+        self._restarting.add(worker)
         self.client.restart_workers([worker], timeout=60, raise_for_error=False)
 
-    def quarantine(self, worker: str) -> None:
-        """Retire an unhealthy worker for good (its nanny is closed too: it is not restarted)."""
-        self.quarantined.append({"worker": worker, "unix": time.time()})
+    def quarantine(self, worker: str, reason: str = "") -> None:
+        """Retire an unhealthy worker for good (its nanny is closed too: it is not restarted),
+        and have it replaced so the cluster keeps its size."""
+        if self.is_quarantined(worker):
+            return
+        # Recorded first: its removal, seen on the event thread, must read as a quarantine.
+        self.quarantined.append({"worker": worker, "reason": reason, "unix": time.time()})
+        if self.provisioner is not None:
+            # Before closing it: the provisioner finds the worker's slot in the cluster by it.
+            self.provisioner.replace(worker, "quarantined", reason)
         try:
             # Not retire_workers: it refuses while the worker holds results nobody else has.
             self.client.run_on_scheduler(_close_worker, worker=worker)
@@ -168,6 +248,9 @@ class ClusterWatch:
             pass
 
     def close(self) -> None:
+        if self.provisioner is not None:
+            # The cluster is closed next: its workers' removals are no losses to replace.
+            self.provisioner.close()
         try:
             # Unsubscribe first, or the scheduler may still push events into a closed comm.
             self.client.unsubscribe_topic(PROGRESS_TOPIC)

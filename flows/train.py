@@ -46,6 +46,7 @@ from flows.plan import (  # noqa: E402
 )
 from flows.prefect_env import rebound_home  # noqa: E402
 from flows.rank_group import DataParallelGroups, rendezvous_host  # noqa: E402
+from flows.redundancy import Provisioner, local_cluster_size, redundancy_state  # noqa: E402
 from flows.report import RunTally, build_summary, summary_markdown, wall_breakdown  # noqa: E402
 from flows.supervise import ClusterWatch, InfrastructureError  # noqa: E402
 from storage import (  # noqa: E402
@@ -81,8 +82,7 @@ def _cluster_address(params: TrainParams, use_gpu: bool) -> Iterator[str]:
     if params.cluster:
         yield params.cluster
         return
-    n = params.workers + params.spares if params.standby == "hot" else params.workers
-    with local_cluster(n, rebound_home() / "dask", use_gpu) as cluster:
+    with local_cluster(local_cluster_size(params), rebound_home() / "dask", use_gpu) as cluster:
         yield cluster.scheduler_address
 
 
@@ -277,6 +277,8 @@ def _train_epochs(plan: RunPlan, params: TrainParams, tally: RunTally, started: 
     remaining = [g for g in plan.groups if g.last_step > start_step]
     with _cluster_address(params, use_gpu) as address:
         watch = ClusterWatch(address, plan.run.run_id, params.watchdog.scheduler_timeout)
+        # Redundancy: quarantined (and, cold, lost) workers are replaced; the cluster keeps its size.
+        watch.keep_size(Provisioner.for_run(watch, params), params.max_failures_per_worker)
         server = ranks = None
         if params.workers > 1:
             # The rendezvous lives here, in the coordinator: it outlives any rank.
@@ -338,6 +340,7 @@ def _train_epochs(plan: RunPlan, params: TrainParams, tally: RunTally, started: 
                                    if loss.worker not in handled]
             tally.hangs = list(watch.hangs)
             tally.attempt_totals = {k: (v.trained_s, v.stall_s) for k, v in watch.attempts.items()}
+            tally.redundancy = redundancy_state(watch, ranks, tally.last_worker)
             watch.close()
     if plan.stop_at < plan.total_steps:
         return "stopped", f"--until {plan.stop_at} reached"

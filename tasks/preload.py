@@ -1,4 +1,5 @@
-"""Dask worker preload: pay for imports and AdamW's first use before the first task arrives.
+"""Dask worker preload: pay for imports and AdamW's first use before the first task arrives, and
+probe the worker's health once it exists.
 
 STACK-NOTES: `import torch` ~2 s and the first AdamW step ~1.5 s (it loads torch._dynamo). A
 worker that paid both at start-up, while the Prefect server is still starting, recovers faster.
@@ -8,6 +9,8 @@ at normal priority without needing the privilege to raise it back.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from tasks.priority import run_at_low_priority
 
@@ -25,3 +28,17 @@ def _boot() -> None:
 
 
 run_at_low_priority(_boot)
+
+
+def dask_setup(worker: Any) -> None:
+    """Dask calls this once the worker exists: the start-up health probe (DESIGN.md section 8).
+
+    A worker that offers a GPU (the `GPU` resource) is probed on it, others on the CPU. A
+    failure does not stop the worker from joining: it is recorded in tasks.health, and the
+    first group the worker gets raises WorkerUnhealthy with it, so the flow quarantines the
+    worker (with the probe's reason) and has it replaced.
+    """
+    from tasks import health
+
+    use_cuda = "GPU" in worker.state.total_resources
+    run_at_low_priority(lambda: health.start_probe(use_cuda))
