@@ -280,22 +280,24 @@ def _train_epochs(plan: RunPlan, params: TrainParams, tally: RunTally, started: 
         # Redundancy: quarantined (and, cold, lost) workers are replaced; the cluster keeps its size.
         watch.keep_size(Provisioner.for_run(watch, params), params.max_failures_per_worker)
         server = ranks = None
-        if params.workers > 1:
+        if params.workers > 1 or params.replicas > 1:
             # The rendezvous lives here, in the coordinator: it outlives any rank.
             server = RendezvousServer(rendezvous_host(address))
             chaos = parse_chaos(params.chaos)
             seed = int(plan.run.train_config.get("seed", 0))
 
-            def chaos_for_rank(rank: int, first: int, last: int) -> tuple[tuple[str, int], ...]:
-                events = chaos.for_rank(rank)
-                if rank == 0:
+            def chaos_for_rank(replica: int, rank: int, first: int,
+                               last: int) -> tuple[tuple[str, int], ...]:
+                events = chaos.for_rank(rank, replica)
+                if rank == 0 and replica == 0:
                     events += chaos.random_events(seed, first, last)
                 return tuple((e.kind, e.step) for e in events)
 
             ranks = DataParallelGroups(
                 watch, server, plan.run.run_id, params.workers,
                 timedelta(seconds=params.collective_timeout_s), params.watchdog, params.retries,
-                chaos_for_rank, lambda line: _say(line, "yellow"))
+                chaos_for_rank, lambda line: _say(line, "yellow"), replicas=params.replicas,
+                policy=params.replica_policy, vote_every=params.vote_every)
         _LIVE[plan.run.run_id] = (watch, tally, ranks)
         runner = DaskTaskRunner(address=address, client_kwargs={
             "timeout": params.watchdog.scheduler_timeout.total_seconds()})
@@ -432,6 +434,11 @@ def _train_holding(params: TrainParams, plan: RunPlan, started: float,
                                 f"{params.workers} from another N: not bit-exact")
     if tally.ranks:
         summary["ranks"] = tally.ranks
+    if params.replicas > 1:
+        summary["replication"] = {
+            "replicas": params.replicas, "policy": params.replica_policy,
+            "vote_every": params.vote_every, "votes": tally.votes,
+            "vote_s": round(tally.vote_s, 4), "steps_trained": tally.steps_trained}
     summary["wall_breakdown"] = {k: round(v, 3) for k, v in
                                  breakdown(summary["productive_s"]).items()}
     create_markdown_artifact(summary_markdown(summary, tally), key="rebound-summary",
