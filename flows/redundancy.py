@@ -178,9 +178,12 @@ class Provisioner:
             return [r for r in self.replacements if r.worker is None]
 
     def settle(self, reachable: Callable[[], bool]) -> None:
-        """Wait (bounded by settle_timeout) for the replacements asked for to join."""
+        """Wait (bounded by settle_timeout) for the replacements the manager is starting to
+        join, so that the size reported at the end is the one the cluster is kept at. Without
+        a manager nobody was asked: nothing to wait for."""
         deadline = time.monotonic() + self.settle_timeout.total_seconds()
-        while self.pending() and reachable() and time.monotonic() < deadline:
+        while self.manager is not None and self.pending() and reachable() and \
+                time.monotonic() < deadline:
             time.sleep(0.1)  # polling: each join arrives as an event on another thread
 
     def close(self) -> None:

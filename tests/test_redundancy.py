@@ -120,6 +120,9 @@ def test_without_a_cluster_manager_the_next_worker_to_join_replaces(tmp_path: Pa
                 time.sleep(0.1)
             assert [r.for_worker for r in watch.provisioner.pending()] == [victim]
             cluster.scale(3)  # the operator adds a worker (the closed one's slot still counts)
+            while watch.provisioner.pending():
+                assert time.monotonic() < deadline, "the new worker never joined"
+                time.sleep(0.1)
             state = redundancy_state(watch, None, None)
             # The local progress view got the same story as scheduler events.
             line = ""
