@@ -75,6 +75,9 @@ def test_a_perturbed_replica_is_outvoted_by_a_third_opinion(reference: dict[str,
     assert [q["worker"] for q in quarantined] == [sdc["worker"]]
     assert "silent data corruption" in quarantined[0]["reason"]
     assert sdc["worker"] not in summary["redundancy"]["roles"]
+    # ... and replaced: the cluster ends with as many workers as it started with.
+    size = summary["redundancy"]["cluster_size"]
+    assert size["end"] == size["start"] == 3, size
     assert summary["state_hash"] == reference["state_hash"]
     assert "replicas disagree at step 10" in done.stderr
 
