@@ -48,6 +48,7 @@ from flows.prefect_env import rebound_home  # noqa: E402
 from flows.rank_group import DataParallelGroups, rendezvous_host  # noqa: E402
 from flows.redundancy import Provisioner, local_cluster_size, redundancy_state  # noqa: E402
 from flows.report import RunTally, build_summary, summary_markdown, wall_breakdown  # noqa: E402
+from flows.spares import SpareWarmer  # noqa: E402
 from flows.supervise import ClusterWatch, InfrastructureError  # noqa: E402
 from storage import (  # noqa: E402
     CheckpointRef,
@@ -301,6 +302,8 @@ def _train_epochs(plan: RunPlan, params: TrainParams, tally: RunTally, started: 
         _LIVE[plan.run.run_id] = (watch, tally, ranks)
         runner = DaskTaskRunner(address=address, client_kwargs={
             "timeout": params.watchdog.scheduler_timeout.total_seconds()})
+        # Hot spares: idle workers read the corpus and build the trainer before they are needed.
+        warmer = SpareWarmer(watch.client, plan.run).__enter__()
         try:
             for epoch in sorted({g.epoch for g in remaining}):
                 groups = [g for g in remaining if g.epoch == epoch]
@@ -329,6 +332,7 @@ def _train_epochs(plan: RunPlan, params: TrainParams, tally: RunTally, started: 
                 if out["stopped"]:
                     return "stopped", out["stopped"]
         finally:
+            warmer.__exit__(None, None, None)
             _LIVE.pop(plan.run.run_id, None)
             handled = set()
             if ranks is not None:
@@ -343,6 +347,8 @@ def _train_epochs(plan: RunPlan, params: TrainParams, tally: RunTally, started: 
             tally.hangs = list(watch.hangs)
             tally.attempt_totals = {k: (v.trained_s, v.stall_s) for k, v in watch.attempts.items()}
             tally.redundancy = redundancy_state(watch, ranks, tally.last_worker)
+            if tally.redundancy is not None:
+                tally.redundancy["warmed"] = warmer.state()
             watch.close()
     if plan.stop_at < plan.total_steps:
         return "stopped", f"--until {plan.stop_at} reached"

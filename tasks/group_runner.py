@@ -18,7 +18,14 @@ from storage.lease import LeaseLostError
 from storage.store import CheckpointStore
 from tasks import chaos, health, progress
 from tasks.jobs import GroupJob, GroupResult, RunSpec
-from tasks.worker_cache import WarmTrainer, corpus_for, drop_warm, put_warm, take_warm
+from tasks.worker_cache import (
+    WarmTrainer,
+    corpus_for,
+    drop_warm,
+    put_warm,
+    take_spare,
+    take_warm,
+)
 from training.config import TrainConfig
 from training.loop import Trainer
 
@@ -31,6 +38,9 @@ SAVE_RETRY_DELAYS_S = (0.5, 1.0, 2.0)
 
 def build_trainer(run: RunSpec) -> Trainer:
     """A trainer for the run, with the corpus this worker already holds."""
+    spare = take_spare((run.run_id, run.config_hash))  # built while this worker stood by
+    if spare is not None:
+        return spare
     cfg = TrainConfig(**run.train_config).resolved()
     return Trainer(cfg, corpus_for(run.data_path), device=run.device)
 

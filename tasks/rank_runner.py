@@ -33,10 +33,10 @@ from tasks.chaos import ChaosEvent
 from tasks.jobs import GroupJob, RunSpec
 from tasks.rank_cache import leave_group, rank_group_for
 from tasks.replica_board import ReplicasDisagree, announce_commit, await_commit, vote, writer
-from tasks.worker_cache import WarmTrainer, drop_warm, put_warm, take_warm
+from tasks.worker_cache import WarmTrainer, drop_warm, put_warm, take_spare, take_warm
 from training.config import TrainConfig
 from training.device import resolve_device
-from training.distributed import CollectiveError, RankGroup, Rendezvous
+from training.distributed import CollectiveError, RankGroup, Rendezvous, batch_share
 from training.loop import Trainer
 
 SAVE_RETRY_DELAYS_S = (0.5, 1.0, 2.0)
@@ -152,6 +152,11 @@ class RankResult:
 def _build_trainer(run: RunSpec, group: RankGroup) -> Trainer:
     from tasks.worker_cache import corpus_for
 
+    spare = take_spare((run.run_id, run.config_hash))  # built while this worker stood by
+    if spare is not None:
+        batch_share(spare.cfg.batch_size, group.world_size)
+        spare.sync = group
+        return spare
     cfg = TrainConfig(**run.train_config).resolved()
     return Trainer(cfg, corpus_for(run.data_path), device=run.device, sync=group)
 

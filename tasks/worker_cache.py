@@ -39,6 +39,8 @@ class WarmTrainer:
 
 
 _warm: WarmTrainer | None = None
+_spare: tuple[tuple[str, str], Trainer] | None = None
+"""A hot spare's trainer, built before any failure: (run_id, config_hash) -> Trainer."""
 
 
 def corpus_for(data_path: str | None) -> Corpus:
@@ -80,3 +82,18 @@ def drop_warm() -> None:
     with _lock:
         _warm = None
         _generation += 1
+
+
+def put_spare(key: tuple[str, str], trainer: Trainer) -> None:
+    """Keep a trainer built ahead of need (a hot spare); its state is overwritten on use."""
+    global _spare
+    with _lock:
+        _spare = (key, trainer)
+
+
+def take_spare(key: tuple[str, str]) -> Trainer | None:
+    """The trainer a hot spare built for this run, once; None when there is none."""
+    global _spare
+    with _lock:
+        spare, _spare = _spare, None
+    return spare[1] if spare is not None and spare[0] == key else None
