@@ -211,3 +211,18 @@ def test_a_worker_with_too_many_failed_groups_is_quarantined_and_replaced(
     [quarantined] = summary["redundancy"]["quarantined"]
     assert "1 batch group(s) failed" in quarantined["reason"]
     assert "--max-failures-per-worker 1" in quarantined["reason"]
+
+
+@pytest.mark.slow
+def test_a_rank_failing_its_probe_under_cold_standby_waits_for_its_replacement(
+        cold_reference: dict[str, Any], workdir: Path, corpus: Path) -> None:
+    # No spare runs: the quarantined rank's place is taken by the worker started for it. (Its
+    # peer learns of the failure by its collective timing out: keep that short.)
+    done, summary = _run(workdir, corpus, "cold-probe", *COLD_W2, "--group-steps", "20",
+                         "--chaos", "fail-probe@25/1", "--collective-timeout", "5s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert summary["state_hash"] == cold_reference["state_hash"]
+    [failure] = summary["failures"]
+    replacement = _quarantined_and_replaced(summary, failure["worker"])
+    assert summary["redundancy"]["roles"].get(replacement["worker"]) is not None
+    assert 0 < failure["replacement_s"] <= failure["recovered_after_s"], failure
