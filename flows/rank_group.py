@@ -22,7 +22,7 @@ from datetime import timedelta
 from typing import Any
 
 from flows.supervise import ClusterWatch, InfrastructureError, Watchdog
-from storage import FatalStoreError
+from storage import FatalStoreError, open_store
 from tasks.health import WorkerUnhealthy
 from tasks.jobs import GroupJob
 from tasks.rank_runner import PeerLost, RankJob, RanksDisagree
@@ -101,6 +101,8 @@ class DataParallelGroups:
         self.total = world_size * replicas
         """Workers holding a rank: world_size ranks in each of `replicas` replica groups."""
         self.prefer: list[str] = []
+        self.holders: list[int] = []
+        """World ranks of the replica that finished the last group (its memory is the newest)."""
         """Spares to fill a slot with first (a third opinion left the trusted state there)."""
         self.watch = watch
         self.server = server
@@ -173,12 +175,20 @@ class DataParallelGroups:
 
     # -- one group ----------------------------------------------------------------------------
 
-    def _job(self, job: GroupJob, slot: int, trusted: tuple[int, str] | None) -> RankJob:
+    def _job(self, job: GroupJob, slot: int, trusted: tuple[int, str] | None,
+             newest: int) -> RankJob:
         replica, rank = divmod(slot, self.world_size)
         return RankJob(job, rank, self.world_size, self.rendezvous.to_dict(),
                        self.chaos_for_rank(replica, rank, job.first_step, job.last_step),
                        replica=replica, replicas=self.replicas, policy=self.policy,
-                       vote_every=self.vote_every, trusted=trusted)
+                       vote_every=self.vote_every, trusted=trusted, newest_step=newest,
+                       peers=tuple(self.holders))
+
+    def _newest_step(self, job: GroupJob) -> int:
+        """The newest committed checkpoint <= the group's end (its manifest and files checked,
+        no chunk read): the flow hands it to every rank, so all start from the same answer."""
+        ref = open_store(job.run.store_url).latest_committed_ref(job.run.run_id)
+        return ref.step if ref is not None and ref.step <= job.last_step else -1
 
     def run(self, job: GroupJob, submit: Callable[[RankJob, str], Any],
             mark_crashed: Callable[[Any, str], None]) -> dict[str, Any]:
@@ -191,7 +201,8 @@ class DataParallelGroups:
         trusted: tuple[int, str] | None = None
         while True:
             self._form()
-            futures = {slot: submit(self._job(job, slot, trusted), self.members[slot])
+            newest = self._newest_step(job)
+            futures = {slot: submit(self._job(job, slot, trusted, newest), self.members[slot])
                        for slot in range(self.total)}
             attempt = self._wait(futures, mark_crashed)
             if attempt.winner is not None:
@@ -199,6 +210,8 @@ class DataParallelGroups:
                 lead = attempt.winner * n
                 result = self._combine({r: attempt.results[lead + r] for r in range(n)},
                                        attempt.results)
+                # Whose memory holds the group's end: the next group's preferred peers.
+                self.holders = [lead + r for r in range(n)]
                 for failure in pending:
                     failure.restored_from = failure.restored_from or result["restored_from"]
                     failure.recovered_unix = result["first_step_unix"] or time.time()

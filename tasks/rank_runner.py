@@ -90,6 +90,12 @@ class RankJob:
     trusted: tuple[int, str] | None = None
     """(step, state_hash) the flow settled after a disagreement: state at that step with another
     hash is never a source."""
+    newest_step: int | None = None
+    """The newest committed checkpoint step <= the group's end as the flow found it before this
+    attempt (-1: none); None: world rank 0 looks it up and tells the others."""
+    peers: tuple[int, ...] = ()
+    """World ranks the flow expects to hold the state in memory (the replica that finished the
+    last group): preferred as the source of a peer restore."""
     recompute_to: int | None = None
     """A third opinion: train from the newest checkpoint to this step, write nothing, return
     the state hash (the group's own steps are ignored)."""
@@ -208,16 +214,19 @@ def _agree_on_start(store: CheckpointStore, job: RankJob, row: RankGroup,
             # The flow settled a disagreement against this state: it is no source.
             have = {"step": -1, "hash": ""}
     haves = group.all_gather_json(have)
-    # The newest committed step, as rank 0 sees it: every rank acts on the same answer.
-    newest = None
-    if group.rank == 0:
+    # The newest committed step, as the flow handed it (or as rank 0 sees it): every rank acts
+    # on the same answer.
+    newest = job.newest_step
+    if newest is None and group.rank == 0:
         ref = store.latest_committed_ref(run.run_id)
         newest = ref.step if ref is not None and ref.step <= job.group.last_step else -1
-    newest = int(group.broadcast_json(newest, src=0))
+    if job.newest_step is None:
+        newest = int(group.broadcast_json(newest, src=0))
     best = max(h["step"] for h in haves)
     at_ref = warm.at_ref if warm is not None else None
     if best >= 0 and best >= newest:
-        src = min(r for r, h in enumerate(haves) if h["step"] == best)
+        holders = [r for r, h in enumerate(haves) if h["step"] == best]
+        src = min((r for r in holders if r in job.peers), default=min(holders))
         if any(h["step"] == best and h["hash"] != haves[src]["hash"] for h in haves):
             raise RanksDisagree(best, [h["hash"] for h in haves])
         if all(h == haves[src] for h in haves):
