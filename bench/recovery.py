@@ -78,7 +78,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,9 +168,11 @@ def _tail(log: Path, lines: int = 25) -> str:
 
 # ---- (a) Rebound --------------------------------------------------------------------------
 
-def run_rebound(args: argparse.Namespace, workdir: Path, spares: int) -> dict[str, Any]:
+def run_rebound(args: argparse.Namespace, workdir: Path, spares: int,
+                extra_args: Sequence[str] = ()) -> dict[str, Any]:
     """One Rebound run with a worker (with --workers 2: rank 1's) killed as it starts step
-    kill_after + 1; its numbers."""
+    kill_after + 1; its numbers. extra_args go to flows.train as they are (bench.redundancy:
+    `--standby cold`); its summary stays in workdir / "summary.json"."""
     from storage import open_store  # the store's reader only; nothing of Prefect/Dask here
 
     store_dir = workdir / "store"
@@ -183,7 +185,8 @@ def run_rebound(args: argparse.Namespace, workdir: Path, spares: int) -> dict[st
            "--spares", str(spares), "--keep", str(STEP_S_INTERVALS + 1),
            "--threads", str(args.threads), "--chaos", chaos,
            "--store", str(store_dir), "--run-id", REBOUND_RUN_ID, "--fresh",
-           "--summary-json", str(summary_path), *(["--data", args.data] if args.data else [])]
+           "--summary-json", str(summary_path), *(["--data", args.data] if args.data else []),
+           *extra_args]
     started = time.time()
     with _process(cmd, workdir, f"rebound-{spares}-spare") as proc:
         try:
