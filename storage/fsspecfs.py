@@ -105,9 +105,9 @@ class FsspecBackend:
 
     atomic_commit = False
 
-    def __init__(self, url: str, stale_after: timedelta = timedelta(hours=1)) -> None:
+    def __init__(self, url: str, stale_after: timedelta = timedelta(hours=1), **storage_options: object) -> None:
         self.url = url
-        self.fs, root = fsspec.core.url_to_fs(url)
+        self.fs, root = fsspec.core.url_to_fs(url, **storage_options)
         self.root = root.rstrip("/")
         self._stale_s = stale_after.total_seconds()
         self._claims = Claims(self, stale_after)

@@ -52,7 +52,8 @@ class StoreConfig:
     """Local only: "syncfs" (one syncfs for the whole checkpoint), "fsync" (per file), "none"
     (tests of logic only), or "auto" (syncfs where the platform has it)."""
     staging_grace: timedelta = timedelta(seconds=5)
-    """Local: an unlocked staging folder younger than this is left alone by cleanup."""
+    """Local: an unlocked staging folder younger than this is left alone by cleanup; S3: a
+    step without a marker whose newest object is younger than this is left alone by gc."""
     remote_stale_after: timedelta = timedelta(hours=1)
     """fsspec: a staging prefix older than this is considered abandoned (no locks there)."""
     io_threads: int = 4
@@ -175,6 +176,8 @@ class CheckpointStore(ShardedSaves):
             staging = self.backend.begin_staging(ckpt_dir, staging_prefix(step_name))
         except OSError as e:
             raise classify_os_error(e, self.url, f"saving {run_id}@{step}") from e
+        if staging is None:  # S3: another writer committed the step while we waited for it
+            return self._published(run_id, step, None, False, "", stats, t0)
         try:
             staged = write_staging(
                 self.backend, staging, run_id, step, ckpt_dir, step_name, tensors, metadata,
@@ -196,7 +199,7 @@ class CheckpointStore(ShardedSaves):
         return self._published(run_id, step, staging, won, staged.manifest_hash, stats, t0)
 
     def _published(
-        self, run_id: str, step: int, staging: Staging, won: bool, manifest_hash: str,
+        self, run_id: str, step: int, staging: Staging | None, won: bool, manifest_hash: str,
         stats: SaveStats, t0: float,
     ) -> CheckpointRef:
         """The ref after a commit attempt: ours when it won, else the winner's once verified."""
@@ -204,7 +207,8 @@ class CheckpointStore(ShardedSaves):
         if won:
             stats.outcome = "committed"
             return CheckpointRef(run_id, step, manifest_hash)
-        staging.discard()
+        if staging is not None:
+            staging.discard()
         stats.outcome = "lost-race"
         report = self.verify(run_id, step)
         if not report.ok:
@@ -418,6 +422,11 @@ class CheckpointStore(ShardedSaves):
                 log.info("removing stale %s", rel)
                 self.backend.remove_tree(rel)
                 removed.append(rel)
+        # Object stores whose saves write straight to the step's keys (storage.s3): a step
+        # without a marker that nobody is writing is a dead write.
+        collect = getattr(self.backend, "collect_unmarked_steps", None)
+        if collect is not None:
+            removed += collect(ckpt, MARKER)
         return removed
 
     def _delete_step(self, run_id: str, step: int) -> None:
@@ -470,7 +479,8 @@ class CheckpointStore(ShardedSaves):
     def create_json_exclusive(self, run_id: str, name: str, obj: Any) -> bool:
         """Create a JSON document only if none exists; True when this call created it.
 
-        Local stores make this atomic (link(2)); on fsspec it is check-then-put.
+        Local stores make this atomic (link(2)), S3 a conditional put (If-None-Match: *); on
+        other fsspec stores it is check-then-put under a claim.
         """
         data = json.dumps(obj, indent=1).encode()
         return self._io(lambda: self.backend.create_exclusive(self._doc_path(run_id, name), data), name)
@@ -517,6 +527,10 @@ def open_store(url: str = "./runs", **config: Any) -> CheckpointStore:
 
         path = url.removeprefix("file://")
         return CheckpointStore(LocalBackend(path, cfg.durability, cfg.staging_grace), cfg)
+    if url.startswith(("s3://", "s3a://")):
+        from storage.s3 import S3Backend  # needs the optional "s3" extra (s3fs)
+
+        return CheckpointStore(S3Backend(url, cfg.remote_stale_after, cfg.staging_grace), cfg)
     from storage.fsspecfs import FsspecBackend
 
     if url.startswith("flaky://"):
