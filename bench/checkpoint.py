@@ -29,6 +29,18 @@ Ratios in --json (throughput ratios of medians, higher is better for the store):
   store_save_vs_raw_write, store_load_verified_vs_disk_seq_read, store_load_verified_vs_raw_read.
 --json also carries "phases": one more store save timed by phase and counted (files created,
 fsyncs...), as `python -m bench.save_phases` prints it; --phases prints that table too.
+
+With --store s3://bucket/prefix (endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY or FSSPEC_S3_*), the store on that object store against plain s3fs
+instead, the same bytes under the same prefix, order alternating every round:
+  s3fs_put             every tensor's bytes as one object, all put concurrently by s3fs
+                       (fs.pipe of a dict): no hashes, no manifest, no commit.
+  s3fs_get             those objects read back concurrently (fs.cat).
+  store_save           CheckpointStore.save on S3 (intent, chunks straight to their final keys
+                       with hashes, manifest, conditional marker).
+  store_load_verified  CheckpointStore.load with every chunk hash verified.
+Ratios: store_save_vs_s3fs_put, store_load_verified_vs_s3fs_get (throughput, higher is better
+for the store).
 """
 
 from __future__ import annotations
@@ -307,6 +319,66 @@ def run(size: int, rounds: int, base_dir: str, chunk_mib: int, phases: bool = Tr
     }
 
 
+S3_RATIOS = {"store_save_vs_s3fs_put": ("s3fs_put", "store_save"),
+             "store_load_verified_vs_s3fs_get": ("s3fs_get", "store_load_verified")}
+
+
+def run_s3(size: int, rounds: int, url: str, chunk_mib: int) -> dict:
+    """The store on an S3 URL against plain s3fs puts and gets of the same bytes (see --help)."""
+    import uuid
+
+    from storage import open_store
+
+    state = gpt_state(size)
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    prefix = f"{url.rstrip('/')}/bench-{uuid.uuid4().hex[:8]}"
+    store = open_store(f"{prefix}/store", chunk_bytes=chunk_mib << 20)
+    fs, raw_root = store.backend.fs, f"{store.backend.root.rsplit('/', 1)[0]}/s3fs"
+    keys = {name: f"{raw_root}/{name}" for name in state}
+
+    def put() -> None:
+        fs.pipe({keys[n]: t.numpy().tobytes() for n, t in state.items()})
+
+    def get() -> object:
+        return fs.cat(list(keys.values()))
+
+    results: dict[str, list[tuple[float, int]]] = {}
+    order: list[list[str]] = []
+    try:
+        for r in range(rounds):
+            pairs = [[("s3fs_put", put), ("s3fs_get", get)],
+                     [("store_save", lambda r=r: store.save("bench", r, state, {"step": r})),
+                      ("store_load_verified", lambda r=r: store.load("bench", r, verify=True))]]
+            if r % 2:
+                pairs.reverse()
+            order.append([name for pair in pairs for name, _ in pair])
+            for pair in pairs:
+                for name, fn in pair:
+                    results.setdefault(name, []).append(timed(fn, name.endswith(("put", "save"))))
+            fs.rm(raw_root, recursive=True)
+            store.delete_run("bench")
+            print(f"round {r + 1}/{rounds} done", file=sys.stderr)
+    finally:
+        try:
+            fs.rm(store.backend.root.rsplit("/", 1)[0], recursive=True)
+        except FileNotFoundError:
+            pass
+    med = {k: statistics.median(s for s, _ in v) for k, v in results.items()}
+    rows = []
+    for name, samples in results.items():
+        seconds = [s for s, _ in samples]
+        row: dict = {"method": name}
+        with_spread(row, "gbps", [nbytes / s / 1e9 for s in seconds])
+        with_spread(row, "seconds", seconds, 4)
+        base = "s3fs_put" if name.endswith(("put", "save")) else "s3fs_get"
+        row["vs_s3fs"] = round(med[base] / med[name], 3)
+        rows.append(row)
+    return {"size_bytes": nbytes, "tensors": len(state), "rounds": rounds, "chunk_mib": chunk_mib,
+            "store": url, "rows": rows,
+            "ratios": {k: round(med[a] / med[b], 3) for k, (a, b) in S3_RATIOS.items()},
+            "seconds": {k: [s for s, _ in v] for k, v in results.items()}, "order": order}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench.checkpoint",
@@ -320,9 +392,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--phases", action="store_true",
                    help="also print where the store's save spends its time (always in --json)")
+    p.add_argument("--store", default=None, metavar="URL",
+                   help="an s3:// URL: the store there against plain s3fs puts (see above)")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
+    if args.store is not None:
+        if not args.store.startswith("s3://"):
+            p.error("--store takes an s3:// URL")
+        out = run_s3(args.size, args.rounds, args.store, args.chunk_mib)
+        if args.json:
+            print(json.dumps(out))
+        else:
+            print_table(f"{out['size_bytes'] / 2**30:.2f} GiB, {out['tensors']} fp32 tensors on "
+                        f"{args.store}, median (min-max) of {out['rounds']} rounds, store chunks "
+                        f"{out['chunk_mib']} MiB", out["rows"], out["ratios"])
+        return 0
     out = run(args.size, args.rounds, args.dir or tempfile.gettempdir(), args.chunk_mib,
               phases=args.json or args.phases)
     if args.json:
