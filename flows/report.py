@@ -11,6 +11,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from flows.ui_artifacts import (
+    CheckpointRow,
+    checkpoints_markdown,
+    goodput_svg,
+    loss_curve_svg,
+    svg_data_uri,
+    throughput_line,
+)
 from storage import open_store
 
 
@@ -302,18 +310,66 @@ def redundancy_markdown(redundancy: dict[str, Any]) -> list[str]:
     return lines
 
 
-def summary_markdown(summary: dict[str, Any], tally: RunTally) -> str:
-    """Markdown for the Prefect UI: the summary, the failures, and the loss curve as a table."""
-    lines = [f"# Rebound run `{summary['run_id']}`: {summary['status']}", "",
-             "| field | value |", "|---|---|"]
-    for key, value in summary.items():
-        if key not in ("failures", "wall_breakdown", "ranks", "redundancy"):
-            lines.append(f"| {key} | {value} |")
+def summary_markdown(summary: dict[str, Any], tally: RunTally,
+                     checkpoints: list[CheckpointRow] | None = None) -> str:
+    """Markdown for the Prefect UI, most telling first: the headline numbers, the loss curve
+    and where the wall time went as pictures, the checkpoints, the failures; every summary
+    field last, folded away.
+
+    Args:
+        summary: the run summary (DESIGN.md section 4).
+        tally: what the flow saw (losses, evaluations, throughput).
+        checkpoints: the store's newest checkpoints, verified (flows.ui_artifacts.checkpoint_rows).
+    """
+    wall = max(summary["wall_s"], 1e-9)
+    failures = summary["failures"]
+    recovered = [f["recovered_after_s"] for f in failures if f.get("recovered_after_s") is not None]
+    run_id = summary["run_id"]
+    reason = f" ({summary['reason']})" if summary.get("reason") else ""
+    resumed = summary.get("resumed_from_step")
+    resumed = f" (resumed from {resumed})" if resumed is not None else ""
+    span = sorted({f"{min(recovered, default=0):.1f}", f"{max(recovered, default=0):.1f}"},
+                  key=float)
+    recovery = f", recovered after {'-'.join(span)} s" if recovered else ""
+    curve = loss_curve_svg(tally.losses, tally.evals, failures, summary.get("resumed_from_step"))
+    lines = [f"# Rebound run `{run_id}`: {summary['status']}", "",
+             "| | |", "|---|---|",
+             f"| status | **{summary['status']}**{reason} |",
+             f"| final step | {summary['final_step']}{resumed} |",
+             f"| train loss / eval loss | {_num(summary.get('train_loss'))} / "
+             f"{_num(summary.get('eval_loss'))} |",
+             f"| throughput (tokens/s) | {throughput_line(tally.throughput)} |",
+             f"| goodput (ETTR) | **{summary['ettr']:.1%}**: {summary['productive_s']:.1f} s of "
+             f"training kept, of {summary['wall_s']:.1f} s wall |",
+             f"| checkpoints committed | {summary['checkpoints_committed']} "
+             f"(saves stalled training {summary['checkpoint_stall_s']:.2f} s) |",
+             f"| failures | {len(failures)}{recovery} |",
+             f"| state hash | `{summary['state_hash']}` |",
+             "", "## Loss", "", f"![Loss curve of run {run_id}]({svg_data_uri(curve)})"]
+    if tally.evals:
+        lines += ["", "| epoch ends at step | eval loss |", "|---|---|"]
+        lines += [f"| {step} | {loss:.4f} |" for step, loss in tally.evals]
     if summary.get("wall_breakdown"):
-        wall = max(summary["wall_s"], 1e-9)
-        lines += ["", "## Where the wall time went", "", "| part | seconds | share |",
-                  "|---|---|---|"]
+        lines += ["", "## Goodput: where the wall time went", "",
+                  f"![Wall time of run {run_id}]("
+                  f"{svg_data_uri(goodput_svg(summary['wall_breakdown'], wall))})", "",
+                  "<details><summary>In seconds</summary>", "",
+                  "| part | seconds | share |", "|---|---|---|"]
         lines += [f"| {k} | {v:.3f} | {v / wall:.1%} |" for k, v in summary["wall_breakdown"].items()]
+        lines += ["", "</details>"]
+    lines += checkpoints_markdown(checkpoints or [], summary["checkpoints_committed"],
+                                  tally.started_unix)
+    lines += ["", "## Failures", ""]
+    if failures:
+        lines += ["| kind | step | worker | detected after s | recovered after s | lost steps "
+                  "| restored from | replacement s |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {f.get('kind')} | {f.get('step')} | {f.get('worker')} | "
+                  f"{f.get('detected_after_s')} | {f.get('recovered_after_s')} | "
+                  f"{f.get('lost_steps')} | {f.get('restored_from')} | "
+                  f"{f.get('replacement_s', '')} |"
+                  for f in failures]
+    else:
+        lines.append("none")
     if summary.get("ranks"):
         lines += ["", "## Ranks and spares (last batch group)", "",
                   "| rank | worker | pid | tokens/s | restored from |", "|---|---|---|---|---|"]
@@ -323,24 +379,14 @@ def summary_markdown(summary: dict[str, Any], tally: RunTally) -> str:
         lines += [f"| spare | {w} | | | |" for w in tally.spare_workers]
     if summary.get("redundancy"):
         lines += redundancy_markdown(summary["redundancy"])
-    lines += ["", "## Failures", ""]
-    if summary["failures"]:
-        lines += ["| kind | step | worker | detected after s | recovered after s | lost steps "
-                  "| restored from | replacement s |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {f.get('kind')} | {f.get('step')} | {f.get('worker')} | "
-                  f"{f.get('detected_after_s')} | {f.get('recovered_after_s')} | "
-                  f"{f.get('lost_steps')} | {f.get('restored_from')} | "
-                  f"{f.get('replacement_s', '')} |"
-                  for f in summary["failures"]]
-    else:
-        lines.append("none")
-    lines += ["", "## Loss and throughput", "",
-              "| step | train loss | eval loss | tokens/s |", "|---|---|---|---|"]
-    evals = {s: f"{v:.4f}" for s, v in tally.evals}
-    speed = {s: f"{v:,.0f}" for s, v in tally.throughput}
-    # At most ~40 rows: every k-th step, plus every epoch end and group end.
-    every = max(1, len(tally.losses) // 40)
-    for i, (step, loss) in enumerate(tally.losses):
-        if i % every == 0 or step in evals or step in speed or i == len(tally.losses) - 1:
-            lines.append(f"| {step} | {loss:.4f} | {evals.get(step, '')} | {speed.get(step, '')} |")
+    # Every field of the summary JSON, folded (<details> survives both UIs' sanitisers).
+    lines += ["", "<details><summary>Every summary field</summary>", "",
+              "| field | value |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in summary.items()
+              if key not in ("failures", "wall_breakdown", "ranks", "redundancy")]
+    lines += ["", "</details>"]
     return "\n".join(lines)
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)

@@ -50,6 +50,7 @@ from flows.redundancy import Provisioner, local_cluster_size, redundancy_state  
 from flows.report import RunTally, build_summary, summary_markdown, wall_breakdown  # noqa: E402
 from flows.spares import SpareWarmer  # noqa: E402
 from flows.supervise import ClusterWatch, InfrastructureError  # noqa: E402
+from flows.ui_artifacts import checkpoint_rows, dashboard_address  # noqa: E402
 from storage import (  # noqa: E402
     CheckpointRef,
     CorruptCheckpointError,
@@ -278,6 +279,7 @@ def _train_epochs(plan: RunPlan, params: TrainParams, tally: RunTally, started: 
     remaining = [g for g in plan.groups if g.last_step > start_step]
     with _cluster_address(params, use_gpu) as address:
         watch = ClusterWatch(address, plan.run.run_id, params.watchdog.scheduler_timeout)
+        _say(f"Dask dashboard: {dashboard_address(watch.client)}")
         # Redundancy: quarantined (and, cold, lost) workers are replaced; the cluster keeps its size.
         watch.keep_size(Provisioner.for_run(watch, params), params.max_failures_per_worker)
         server = ranks = None
@@ -447,7 +449,9 @@ def _train_holding(params: TrainParams, plan: RunPlan, started: float,
             "vote_s": round(tally.vote_s, 4), "steps_trained": tally.steps_trained}
     summary["wall_breakdown"] = {k: round(v, 3) for k, v in
                                  breakdown(summary["productive_s"]).items()}
-    create_markdown_artifact(summary_markdown(summary, tally), key="rebound-summary",
+    # The store's newest checkpoints, each read back in full: the UI says which ones verify.
+    checkpoints = checkpoint_rows(params.store, plan.run.run_id, started)
+    create_markdown_artifact(summary_markdown(summary, tally, checkpoints), key="rebound-summary",
                              description=f"Rebound run {plan.run.run_id}")
     if status == "failed":
         # Raise so Prefect shows the run Failed; the summary travels with the exception.
