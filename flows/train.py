@@ -324,6 +324,10 @@ def _train_epochs(plan: RunPlan, params: TrainParams, tally: RunTally, started: 
                                          "reason": reason})
                     return "failed", reason
                 ref = CheckpointRef.from_dict(out["ref"]) if out["ref"] else ref
+                if tally.evals and any(g.last_step == tally.evals[-1][0] for g in groups):
+                    # Said in the epoch's subflow too; the run's own log carries it for the UI.
+                    get_run_logger().info(f"epoch {epoch} ends at step {tally.evals[-1][0]}: "
+                                          f"eval loss {tally.evals[-1][1]:.4f}")
                 if out["fatal"]:
                     return "failed", out["fatal"]
                 if out["infra_error"]:
