@@ -62,6 +62,9 @@ class TrainParams(BaseModel):
     no_worker_timeout: str = Field("60s", description="No Dask worker at all this long: the run fails (exit 1).")
     chaos: str | None = Field(None, description="Failures to inject, e.g. kill-worker@120,raise@300.")
     summary_json: str | None = Field(None, description="Write the run summary here when the run ends.")
+    # Not a CLI option: prefect.yaml's heal trigger sets it. The cap is in the parameter schema,
+    # so the server refuses to create a fourth automatic rerun (deployments/self-healing.md).
+    heal_attempt: int = Field(0, ge=0, le=3, description="Automatic rerun of a crashed deployment run this is (0: started by hand; at most 3).")
 
     @field_validator("run_id")
     @classmethod
