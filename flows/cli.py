@@ -235,7 +235,8 @@ def _run(params: Any, plan: Any, server_port: int | None, started: float, show_p
             address = params.cluster
             if address is None:
                 cluster = stack.enter_context(
-                    local_cluster(local_cluster_size(params), rebound_home() / "dask", use_gpu))
+                    local_cluster(local_cluster_size(params), rebound_home() / "dask", use_gpu,
+                                  boot_low=params.standby == "hot"))
                 address = cluster.scheduler_address
             view = stack.enter_context(ProgressView(
                 console, plan.run.run_id, plan.stop_at, 0,

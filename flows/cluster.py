@@ -13,6 +13,7 @@ import dask
 from distributed import Client, LocalCluster
 
 from flows.versions import check_versions
+from tasks.priority import BOOT_PRIORITY_ENV
 
 # A flow started by a Prefect worker (a deployment) never passes through the CLI's check.
 check_versions()
@@ -65,8 +66,14 @@ def cuda_available() -> bool:
 
 
 @contextmanager
-def local_cluster(n_workers: int, local_directory: Path, use_gpu: bool) -> Iterator[LocalCluster]:
-    """A LocalCluster of single-threaded process workers on 127.0.0.1, stopped on exit."""
+def local_cluster(n_workers: int, local_directory: Path, use_gpu: bool,
+                  boot_low: bool = True) -> Iterator[LocalCluster]:
+    """A LocalCluster of single-threaded process workers on 127.0.0.1, stopped on exit.
+
+    boot_low: workers boot at the lowest priority (tasks/preload.py), so that one restarted
+    after a crash does not slow the spare taking over. Cold standby has no spare: the worker
+    started after a failure is the one the run waits for, and it boots at normal priority.
+    """
     local_directory.mkdir(parents=True, exist_ok=True)
     with dask.config.set(dask_settings()):
         cluster = LocalCluster(
@@ -79,6 +86,7 @@ def local_cluster(n_workers: int, local_directory: Path, use_gpu: bool) -> Itera
             local_directory=str(local_directory),
             preload=["tasks.preload"],
             resources={"GPU": 1} if use_gpu else None,
+            env={} if boot_low else {BOOT_PRIORITY_ENV: "normal"},
         )
     address = cluster.scheduler_address
     MANAGERS[address] = cluster

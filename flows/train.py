@@ -84,7 +84,8 @@ def _cluster_address(params: TrainParams, use_gpu: bool) -> Iterator[str]:
     if params.cluster:
         yield params.cluster
         return
-    with local_cluster(local_cluster_size(params), rebound_home() / "dask", use_gpu) as cluster:
+    with local_cluster(local_cluster_size(params), rebound_home() / "dask", use_gpu,
+                       boot_low=params.standby == "hot") as cluster:
         yield cluster.scheduler_address
 
 

@@ -10,9 +10,11 @@ at normal priority without needing the privilege to raise it back.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from typing import Any
 
-from tasks.priority import run_at_low_priority
+from tasks.priority import BOOT_PRIORITY_ENV, run_at_low_priority
 
 
 def _boot() -> None:
@@ -27,7 +29,14 @@ def _boot() -> None:
     opt.step()
 
 
-run_at_low_priority(_boot)
+def _at_boot_priority(work: Callable[[], Any]) -> None:
+    if os.environ.get(BOOT_PRIORITY_ENV) == "normal":
+        work()  # cold standby: this worker is the one the run waits for (flows/cluster.py)
+    else:
+        run_at_low_priority(work)
+
+
+_at_boot_priority(_boot)
 
 
 def dask_setup(worker: Any) -> None:
@@ -41,4 +50,4 @@ def dask_setup(worker: Any) -> None:
     from tasks import health
 
     use_cuda = "GPU" in worker.state.total_resources
-    run_at_low_priority(lambda: health.start_probe(use_cuda))
+    _at_boot_priority(lambda: health.start_probe(use_cuda))

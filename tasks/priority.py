@@ -22,6 +22,10 @@ from collections.abc import Callable
 BOOT_NICENESS = 19
 """A booting worker takes only what training leaves over."""
 
+BOOT_PRIORITY_ENV = "REBOUND_BOOT_PRIORITY"
+"""Set to "normal" in a worker's environment, it boots at normal priority (cold standby: the
+worker started after a failure is the one the run waits for; tasks/preload.py)."""
+
 
 def _lower_this_thread(niceness: int) -> None:
     try:
