@@ -452,8 +452,7 @@ class DataParallelGroups:
         for rank, err in attempt.errors.items():
             if isinstance(err, WorkerUnhealthy):
                 # Redundancy: the worker is retired for good; a spare takes its rank.
-                self.watch.quarantine(self.members[rank])
-                self.out_of_service.add(self.members[rank])
+                self._quarantine(self.members[rank], err.reason)
                 return [RankFailure("quarantine", step, self.members[rank], detected, detected,
                                     reason=err.reason)]
             kind = "sdc" if isinstance(err, RanksDisagree) else "task-error"

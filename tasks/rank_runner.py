@@ -429,11 +429,17 @@ def run_rank(job: RankJob) -> RankResult:
     if done is not None:
         result.ref, result.step, result.reused = done.to_dict(), done.step, True
         return result
-    _fail_probe(job, store, result.worker)
-    health.probe(store, run.run_id, result.worker)
     device = str(resolve_device(run.device))
     group = rank_group_for(Rendezvous.from_dict(job.rendezvous), job.world_rank, device,
                            row_size=job.world_size)
+    try:
+        # Probed once joined: an unhealthy rank that leaves breaks its peers' next collective
+        # at once, where one that never joined would keep them waiting the collective timeout.
+        _fail_probe(job, store, result.worker)
+        health.probe(store, run.run_id, result.worker)
+    except BaseException:
+        leave_group()
+        raise
     if job.recompute_to is not None:
         drop_warm()
         try:
