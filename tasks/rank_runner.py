@@ -240,6 +240,17 @@ def _agree_on_start(store: CheckpointStore, job: RankJob, row: RankGroup,
     else:
         at_ref = _load_newest(store, job.group, trainer, result)
         result.restored_from = "checkpoint" if at_ref is not None else None
+    # Whether the state in memory is a committed checkpoint decides whether the ranks save
+    # before training: one answer for all, or one rank saves alone and the others wait for it.
+    # A rank's own belief can differ (a peer's copy, a checkpoint rotted after this rank
+    # committed it), so it is gathered: held by any rank, or the newest committed step; never
+    # the group's end, which _committed_end found not verified.
+    held = [CheckpointRef.from_dict(r) for r in group.all_gather_json(
+        at_ref.to_dict() if at_ref is not None and at_ref.step == trainer.step else None) if r]
+    if trainer.step == job.group.last_step or (not held and newest != trainer.step):
+        at_ref = None
+    else:
+        at_ref = held[0] if held else store.ref(run.run_id, trainer.step)
     mine = _hash_of(trainer)
     hashes = group.all_gather_text(mine)
     if len(set(hashes)) != 1:

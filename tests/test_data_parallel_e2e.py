@@ -229,3 +229,14 @@ def test_another_worker_count_needs_reshard(prefect_api: str, workdir: Path,
     assert done.returncode == 0, done.stderr[-3000:]
     assert summary["final_step"] == 40 and summary["resumed_from_step"] == 20
     assert "not bit-exact" in summary["resharded"]
+
+
+def test_a_corrupt_epoch_end_is_saved_again_by_every_rank(dp_reference: dict[str, Any],
+                                                          workdir: Path, corpus: Path) -> None:
+    # Rank 0 rots the epoch's last checkpoint right after committing it; the evaluation finds
+    # it and the group is trained again. Rank 1 still believes its memory is that checkpoint:
+    # the ranks must agree to save it again, or one waits for the other until the timeout.
+    done, summary = _run(workdir, corpus, "dp-rot", *W2, "--chaos", "corrupt-latest@20")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [f["kind"] for f in summary["failures"]] == ["corrupt-checkpoint"]
+    assert summary["state_hash"] == dp_reference["state_hash"]
