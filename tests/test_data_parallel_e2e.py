@@ -240,3 +240,21 @@ def test_a_corrupt_epoch_end_is_saved_again_by_every_rank(dp_reference: dict[str
     assert done.returncode == 0, done.stderr[-3000:]
     assert [f["kind"] for f in summary["failures"]] == ["corrupt-checkpoint"]
     assert summary["state_hash"] == dp_reference["state_hash"]
+
+
+def test_the_fire_drill_deployment_completes_bit_exact(dp_reference: dict[str, Any],
+                                                       workdir: Path, corpus: Path) -> None:
+    # prefect.yaml's fire-drill: every kind of failure on 2 ranks, run with its own parameters
+    # through the CLI (tests/test_deployment_e2e.py runs deployments through a real server).
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    [drill] = [d for d in spec["deployments"] if d["name"] == "fire-drill"]
+    params = drill["parameters"]["params"]
+    flags = [f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}"
+             for k, v in params.items() if k not in ("run_id", "store", "fresh")]
+    done, summary = _run(workdir, corpus, "drill", *flags)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kinds = {f["kind"] for f in summary["failures"]}
+    assert {"worker-lost", "task-error", "corrupt-checkpoint", "hang"} <= kinds, kinds
+    assert summary["state_hash"] == dp_reference["state_hash"]
