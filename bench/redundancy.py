@@ -95,6 +95,8 @@ from bench.scaling import _tokens_per_step
 RUN_ID = "bench-redundancy"
 RECOVERY_NUMERIC = ("recovery_s", "detected_s", "ready_s", "steps_lost", "step_s", "wall_s",
                     "replacement_s", "summary_recovered_s", "summary_lost_steps")
+TABLE_WIDTH = 260
+"""Columns wide enough for "median (min-max)" of every number on one line."""
 STEADY_NUMERIC = ("tokens_per_s", "window_s", "step_tokens_per_s", "step_s", "wall_s", "votes",
                   "vote_s", "vote_s_per_vote", "vote_per_step", "vote_amortized")
 
@@ -312,9 +314,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.rounds} round(s)")
     print_table(f"bench.redundancy recovery: --workers {args.workers}, rank "
                 f"{args.workers - 1} killed starting step {args.kill_after + 1}; {common}",
-                recovery, {})
+                recovery, {}, width=TABLE_WIDTH)
     print_table(f"bench.redundancy replicas and votes: --workers 1, 2 workers; {common}",
-                steady, ratios)
+                steady, ratios, width=TABLE_WIDTH)
     print("one vote (vote_every_step): " + ", ".join(f"{k} {v}" for k, v in breakdown.items()))
     for name, runs in results.items():
         for i, r in enumerate(runs):

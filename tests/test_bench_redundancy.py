@@ -14,21 +14,35 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli_helpers import kill_group
+
 ROOT = Path(__file__).resolve().parents[1]
 CONTENDERS = {"hot_spare", "cold_spare", "no_spare",
               "replicas1", "replicas2", "vote_every_step", "vote_default"}
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_redundancy_bench_json(prefect_api: str) -> None:
     # prefect_api: the session's Prefect server, so neither the bench nor its runs start one.
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "bench.redundancy", "--json", "--model", "tiny", "--rounds", "1",
          "--steps", "8", "--ckpt-every", "2", "--group-steps", "4", "--kill-after", "5"],
-        cwd=ROOT, capture_output=True, text=True, timeout=590)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout)
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=780)
+    finally:
+        if proc.poll() is None:
+            # Each run is in a session of its own: SIGTERM lets the bench stop them by their
+            # process groups; then the bench's own group goes, whatever is left of it.
+            proc.terminate()
+            try:
+                proc.communicate(timeout=60)
+            finally:
+                kill_group(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+    out = json.loads(stdout)
     assert {r["method"] for r in out["rows"]} == set(out["runs"]) == CONTENDERS
     assert all(r["failed_runs"] == 0 for r in out["rows"]), out["rows"]
     assert set(out["ratios"]) >= {"cold_vs_hot_recovery_time", "no_spare_vs_hot_recovery_time",
