@@ -52,13 +52,19 @@ replicas trained them, as the summary counts one result per group):
   vote_s_per_vote   vote_s / votes
   vote_per_step     (vote_s / votes) / step_s: one vote's cost as a fraction of one step
   vote_amortized    (vote_s / steps trained) / step_s: the voting cost the cadence adds per step
+  vote_wait_s       of vote_s, the seconds spent waiting for the other replica's hash (only the
+                    writer before a commit and everyone at a group's end wait; other votes post
+                    and go on, compared once the other replica's hash is there)
+  vote_own_per_step ((vote_s - vote_wait_s) / votes) / step_s: a vote's own work (hash, post,
+                    compare) as a fraction of one step
 Ratios (of medians):
   cold_vs_hot_recovery_time       cold_spare recovery_s / hot_spare recovery_s
   no_spare_vs_hot_recovery_time   no_spare recovery_s / hot_spare recovery_s
   replicas2_vs_1_throughput       replicas2 tokens_per_s / replicas1 tokens_per_s (ideal 1:
                                   the second worker was idle anyway)
   replicas2_vs_1_step_throughput  the same for step_tokens_per_s
-  vote_cost_fraction              vote_every_step's vote_per_step (aim < 0.01)
+  vote_cost_fraction              vote_every_step's vote_per_step (waits included)
+  vote_own_cost_fraction          vote_every_step's vote_own_per_step (aim < 0.01)
   vote_cost_fraction_default_cadence  vote_default's vote_amortized
   failed_runs  rounds of a contender that did not complete (left out of its medians; the exit
                status is then 1, after the table)
@@ -98,7 +104,8 @@ RECOVERY_NUMERIC = ("recovery_s", "detected_s", "ready_s", "steps_lost", "step_s
 TABLE_WIDTH = 260
 """Columns wide enough for "median (min-max)" of every number on one line."""
 STEADY_NUMERIC = ("tokens_per_s", "window_s", "step_tokens_per_s", "step_s", "wall_s", "votes",
-                  "vote_s", "vote_s_per_vote", "vote_per_step", "vote_amortized")
+                  "vote_s", "vote_s_per_vote", "vote_per_step", "vote_amortized", "vote_wait_s",
+                  "vote_own_per_step")
 
 
 def run_recovery(args: argparse.Namespace, workdir: Path, spares: int, standby: str
@@ -135,6 +142,7 @@ def run_steady(args: argparse.Namespace, workdir: Path, flags: Sequence[str]) ->
     step_s = train_s / args.steps
     repl = summary.get("replication") or {}
     votes, vote_s = repl.get("votes") or 0, repl.get("vote_s")
+    wait_s = repl.get("vote_wait_s")
     per_vote = vote_s / votes if votes else None
     trained = repl.get("steps_trained") or args.steps
     return {
@@ -148,6 +156,9 @@ def run_steady(args: argparse.Namespace, workdir: Path, flags: Sequence[str]) ->
         "vote_s_per_vote": per_vote,
         "vote_per_step": None if per_vote is None else per_vote / step_s,
         "vote_amortized": None if vote_s is None or not votes else vote_s / trained / step_s,
+        "vote_wait_s": wait_s,
+        "vote_own_per_step": None if vote_s is None or wait_s is None or not votes
+        else (vote_s - wait_s) / votes / step_s,
         "state_hash": summary.get("state_hash"),
         "status": summary["status"],
     }
@@ -224,6 +235,7 @@ def ratios_of(by: dict[str, dict[str, Any]]) -> dict[str, float]:
         "replicas2_vs_1_step_throughput": (by["replicas2"]["step_tokens_per_s"],
                                            by["replicas1"]["step_tokens_per_s"]),
         "vote_cost_fraction": (by["vote_every_step"]["vote_per_step"], 1.0),
+        "vote_own_cost_fraction": (by["vote_every_step"]["vote_own_per_step"], 1.0),
         "vote_cost_fraction_default_cadence": (by["vote_default"]["vote_amortized"], 1.0),
     }
     out = {name: _ratio(*pair) for name, pair in pairs.items()}

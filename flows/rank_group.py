@@ -376,11 +376,16 @@ class DataParallelGroups:
             self.prefer = spares
         failures = []
         n = self.world_size
+        # The replicas whose every rank held the trusted state: their memory (possibly a few
+        # steps past the disputed one: votes between checkpoints do not wait) is the source.
+        self.holders = []
         for replica in range(self.replicas):
             mine = {int(k.split(".")[1]): h for k, h in votes.items()
                     if int(k.split(".")[0]) == replica}
             bad = {r: h for r, h in mine.items() if h != good}
             if not bad:
+                if len(mine) == n:
+                    self.holders += [replica * n + r for r in range(n)]
                 continue
             common, times = Counter(mine.values()).most_common(1)[0]
             # A rank whose state differs from its own replica's peers is the one that went
@@ -486,6 +491,7 @@ class DataParallelGroups:
             "corrupt": [c for r in ranks for c in r["corrupt"]],
             "vote_s": max((r["vote_s"] for r in arrived), default=0.0),
             "votes": max((r["votes"] for r in arrived), default=0),
+            "vote_wait_s": max((r["vote_wait_s"] for r in arrived), default=0.0),
             "train_loss": lead["train_loss"], "stopped_early": False,
             "attempt": lead.get("attempt"),
             "ranks": [{"rank": r["rank"], "replica": r["replica"], "worker": r["worker"],

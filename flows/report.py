@@ -62,6 +62,8 @@ class RunTally:
     votes: int = 0
     """Votes between replicas (per rank), and the seconds they took (slowest rank)."""
     vote_s: float = 0.0
+    vote_wait_s: float = 0.0
+    """Of vote_s, waiting for the other replicas' hashes (before commits and group ends)."""
     steps_trained: int = 0
     ranks: list[dict[str, Any]] = field(default_factory=list)
     """The ranks of the last data-parallel group: rank, worker, tokens, train_s."""
@@ -83,6 +85,7 @@ class RunTally:
             self.group_totals[result["attempt"]] = (result["train_s"], result["ckpt_s"])
         self.votes += int(result.get("votes", 0))
         self.vote_s += float(result.get("vote_s", 0.0))
+        self.vote_wait_s += float(result.get("vote_wait_s", 0.0))
         self.steps_trained += int(result.get("steps_trained", 0))
 
     def absorb_eval(self, step: int, loss: float) -> None:

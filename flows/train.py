@@ -451,7 +451,8 @@ def _train_holding(params: TrainParams, plan: RunPlan, started: float,
         summary["replication"] = {
             "replicas": params.replicas, "policy": params.replica_policy,
             "vote_every": params.vote_every, "votes": tally.votes,
-            "vote_s": round(tally.vote_s, 4), "steps_trained": tally.steps_trained}
+            "vote_s": round(tally.vote_s, 4), "vote_wait_s": round(tally.vote_wait_s, 4),
+            "steps_trained": tally.steps_trained}
     summary["wall_breakdown"] = {k: round(v, 3) for k, v in
                                  breakdown(summary["productive_s"]).items()}
     # The store's newest checkpoints, each read back in full: the UI says which ones verify.

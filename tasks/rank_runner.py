@@ -150,6 +150,10 @@ class RankResult:
     vote_s: float = 0.0
     """Seconds spent hashing and comparing state with the other replicas."""
     votes: int = 0
+    vote_wait_s: float = 0.0
+    """Of vote_s, the seconds spent waiting for the other replicas' hashes."""
+    pending_votes: list[int] = field(default_factory=list)
+    """Vote steps whose ballots were not complete yet (compared at a later vote)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -209,9 +213,11 @@ def _agree_on_start(store: CheckpointStore, job: RankJob, row: RankGroup,
     have = {"step": -1, "hash": ""}
     if warm is not None and job.group.first_step <= trainer.step <= job.group.last_step:
         have = {"step": trainer.step, "hash": _hash_of(trainer)}
-        if job.trusted is not None and job.trusted[0] == have["step"] and \
-                job.trusted[1] != have["hash"]:
-            # The flow settled a disagreement against this state: it is no source.
+        if job.trusted is not None and (
+                (job.trusted[0] == have["step"] and job.trusted[1] != have["hash"]) or
+                (job.trusted[0] != have["step"] and job.world_rank not in job.peers)):
+            # The flow settled a disagreement against this state, or it went on past the
+            # disputed step in a replica the flow does not trust: it is no source.
             have = {"step": -1, "hash": ""}
     haves = group.all_gather_json(have)
     # The newest committed step, as the flow handed it (or as rank 0 sees it): every rank acts
@@ -381,7 +387,14 @@ def _is_vote_step(job: RankJob, step: int) -> bool:
 
 def _vote(job: RankJob, group: RankGroup, trainer: Trainer, result: RankResult) -> None:
     t0 = time.perf_counter()
-    vote(group, trainer.step, _hash_of(trainer))
+    # Before a commit every ballot must be in: the writer waits for it at a checkpoint, and
+    # everyone at the group's end (a replica's result is taken only once the vote agreed).
+    # Others post and go on: they would only wait for the writer's save.
+    g = job.group
+    before_commit = trainer.step == g.last_step or \
+        (trainer.step % g.ckpt_every == 0 and writer(group) == job.replica)
+    result.vote_wait_s += vote(group, trainer.step, _hash_of(trainer), result.pending_votes,
+                               wait=before_commit)
     result.vote_s += time.perf_counter() - t0
     result.votes += 1
 

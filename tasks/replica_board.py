@@ -69,25 +69,53 @@ def _wait_for(group: RankGroup, keys: list[str], replica: int, timeout: timedelt
         raise CollectiveError(f"the coordinator's board is unreachable: {err}") from None
 
 
-def vote(group: RankGroup, step: int, state_hash: str) -> dict[str, str]:
-    """Post this rank's hash at `step`, gather every live replica's; raise on a mismatch.
+def _ballot(group: RankGroup, step: int, wait: bool) -> dict[str, str] | None:
+    """Every live replica's hashes at `step`; None (without `wait`) while some are missing."""
+    global _waited_s
+    votes: dict[str, str] = {}
+    for replica in range(group.replicas):
+        keys = [f"vote/{step}/{replica}.{rank}" for rank in range(group.world_size)]
+        if replica != group.replica and not group.board.check(keys):
+            if not wait and not dropped(group, replica):
+                return None
+            t0 = time.perf_counter()
+            arrived = wait and _wait_for(group, keys, replica, group.rdv.timeout)
+            _waited_s += time.perf_counter() - t0
+            if arrived:
+                pass
+            else:
+                keys = [k for k in keys if _has(group, k)]
+        for key in keys:
+            votes[key.rsplit("/", 1)[1]] = group.board.get(key).decode()
+    return votes
+
+
+_waited_s = 0.0
+
+
+def vote(group: RankGroup, step: int, state_hash: str, pending: list[int],
+         wait: bool = True) -> float:
+    """Post this rank's hash at `step` and compare every ballot that is complete; raise on a
+    mismatch; returns the seconds spent waiting for other replicas' hashes. With `wait`
+    (before a commit) every pending ballot is waited for; without, the
+    ones still missing a replica's hashes stay pending, so a vote between checkpoints costs a
+    hash and a post, not a wait for the slower replica.
 
     Every rank decides on the same votes: a replica's posted hashes always count, a dropped
     replica's missing ones are excused.
     """
-    me = f"{group.replica}.{group.rank}"
-    group.board.set(f"vote/{step}/{me}", state_hash)
-    votes: dict[str, str] = {}
-    for replica in range(group.replicas):
-        keys = [f"vote/{step}/{replica}.{rank}" for rank in range(group.world_size)]
-        if replica != group.replica and \
-                not _wait_for(group, keys, replica, group.rdv.timeout):
-            keys = [k for k in keys if _has(group, k)]
-        for key in keys:
-            votes[key.rsplit("/", 1)[1]] = group.board.get(key).decode()
-    if len(set(votes.values())) > 1:
-        raise ReplicasDisagree(step, votes)
-    return votes
+    global _waited_s
+    _waited_s = 0.0
+    group.board.set(f"vote/{step}/{group.replica}.{group.rank}", state_hash)
+    pending.append(step)
+    for at in list(pending):
+        votes = _ballot(group, at, wait)
+        if votes is None:
+            continue
+        pending.remove(at)
+        if len(set(votes.values())) > 1:
+            raise ReplicasDisagree(at, votes)
+    return _waited_s
 
 
 def announce_commit(group: RankGroup, step: int, ref: dict[str, Any]) -> None:
