@@ -101,9 +101,9 @@ class DataParallelGroups:
         self.total = world_size * replicas
         """Workers holding a rank: world_size ranks in each of `replicas` replica groups."""
         self.prefer: list[str] = []
+        """Spares to fill a slot with first (a third opinion left the trusted state there)."""
         self.holders: list[int] = []
         """World ranks of the replica that finished the last group (its memory is the newest)."""
-        """Spares to fill a slot with first (a third opinion left the trusted state there)."""
         self.watch = watch
         self.server = server
         self.run_id = run_id
