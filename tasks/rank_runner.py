@@ -402,8 +402,9 @@ def _vote(job: RankJob, group: RankGroup, trainer: Trainer, result: RankResult) 
 def _checkpoint(store: CheckpointStore, job: RankJob, group: RankGroup, warm: WarmTrainer,
                 result: RankResult, extra: dict[str, Any]) -> CheckpointRef | None:
     """Save at a checkpoint step. With replicas one replica writes (the lowest not dropped);
-    the others write nothing, except that at the group's end they wait for its commit and take
-    over when the writer is dropped, so a group never ends without its checkpoint."""
+    the others write nothing: they wait for its commit and take over when the writer is
+    dropped first, so no planned checkpoint is skipped when the writer dies mid-group. The
+    wait costs no wall time: the group ends with the writer's last commit anyway."""
     if job.replicas < 2:
         return _save_shared(store, job, group, warm, result, extra)
     step = warm.trainer.step
@@ -414,7 +415,7 @@ def _checkpoint(store: CheckpointStore, job: RankJob, group: RankGroup, warm: Wa
             if group.rank == 0:
                 announce_commit(group, step, ref.to_dict())
             return ref
-        if by is None or step != job.group.last_step:
+        if by is None:
             return None
         done = await_commit(group, step, by)
         if done is not None:
