@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import subprocess
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from storage import open_store
 from tasks import health
 from tests.cli_helpers import cli_args, kill_group, read_summary, start_cli
+from tests.dask_cluster import BIN, _spawn
 from tests.test_data_parallel_e2e import _finish, _rank_doc, _run, _wait_for_ranks
 
 PATIENT = ("--no-worker-timeout", "3m")
@@ -110,6 +112,7 @@ def test_without_a_cluster_manager_the_next_worker_to_join_replaces(tmp_path: Pa
             ProgressView(Console(file=io.StringIO()), "ext", 40, 0) as view:
         view.attach(cluster.scheduler_address)
         watch = ClusterWatch(cluster.scheduler_address, "ext", timedelta(seconds=30))
+        operator_worker: subprocess.Popen | None = None
         try:
             params = TrainParams(cluster=cluster.scheduler_address, no_worker_timeout="60s")
             watch.keep_size(Provisioner.for_run(watch, params), 3)
@@ -123,7 +126,12 @@ def test_without_a_cluster_manager_the_next_worker_to_join_replaces(tmp_path: Pa
                 assert time.monotonic() < deadline, watch.worker_count()
                 time.sleep(0.1)
             assert [r.for_worker for r in watch.provisioner.pending()] == [victim]
-            cluster.scale(3)  # the operator adds a worker (the closed one's slot still counts)
+            # The operator adds one worker of their own (scaling the LocalCluster instead would
+            # start one or two, depending on whether it has dropped the closed one's slot yet).
+            operator_worker = _spawn(
+                [str(BIN / "dask"), "worker", cluster.scheduler_address, "--nthreads", "1",
+                 "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0",
+                 "--local-directory", str(tmp_path / "operator")], tmp_path / "operator.log")
             while watch.provisioner.pending():
                 assert time.monotonic() < deadline, "the new worker never joined"
                 time.sleep(0.1)
@@ -137,6 +145,8 @@ def test_without_a_cluster_manager_the_next_worker_to_join_replaces(tmp_path: Pa
             assert line == "hot · spares 1 · quarantined 1", line
         finally:
             watch.close()
+            if operator_worker is not None:
+                kill_group(operator_worker)
     assert state is not None
     assert state["cluster_size"] == {"start": 2, "end": 2, "target": 2}, state
     [quarantined] = state["quarantined"]
