@@ -102,6 +102,7 @@ class ShardedSaves:
             files, digest = write_share_files(
                 self.backend, staging, f"{ckpt_dir}/{area_name}", others, tensors, layouts,
                 set(plan[rank]), stats, self.config.io_threads, state_hash,
+                self.previous_chunks(run_id, step),
             )
             faults.point("share-written")
             staging.make_durable()

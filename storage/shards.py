@@ -199,16 +199,18 @@ def write_share_files(
     stats: SaveStats,
     io_threads: int,
     known_state_hash: str | None,
+    previous: Mapping[str, tuple[str, int, str]] | None = None,
 ) -> tuple[dict[str, str], str]:
     """Write this rank's files into ``staging``; returns {path: xxh3} and the state_hash.
 
     A file already in the area (an earlier attempt of this session) or in another staging of
-    the step (a dead writer's) is kept when its size and hash match, as ``save`` reuses chunks.
+    the step (a dead writer's) is kept when its size and hash match, as ``save`` reuses chunks,
+    and a chunk unchanged since the previous checkpoint (``previous``) is linked from there.
     Tensors whose files are all elsewhere are not read at all when ``known_state_hash`` is given.
     """
     from storage.tensors import host_bytes
 
-    reuse = _Reuse(backend, [area, *others])
+    reuse = _Reuse(backend, [area, *others], previous)
     counter = _Counter(stats)
     state = StateHasher() if known_state_hash is None else None
     futures: dict[str, Future[str]] = {}

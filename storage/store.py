@@ -36,7 +36,14 @@ from storage.reader import VerifyReport, load_tensors, open_manifest
 from storage.refs import CheckpointRef
 from storage.retention import steps_to_delete
 from storage.sharded import ShardedSaves
-from storage.writer import STAGING_PREFIX, SaveStats, check_inputs, staging_prefix, write_staging
+from storage.writer import (
+    STAGING_PREFIX,
+    SaveStats,
+    check_inputs,
+    previous_chunks,
+    staging_prefix,
+    write_staging,
+)
 
 log = logging.getLogger("storage")
 T = TypeVar("T")
@@ -58,6 +65,9 @@ class StoreConfig:
     """fsspec: a staging prefix older than this is considered abandoned (no locks there)."""
     io_threads: int = 4
     """Threads writing/reading chunk files; overlaps per-file latency (create, fsync)."""
+    incremental: bool = True
+    """A chunk equal to the same chunk of the previous committed checkpoint is linked (local)
+    or copied server-side (fsspec) after its bytes are verified, not written again."""
 
     def __post_init__(self) -> None:
         if self.chunk_bytes < 1:
@@ -182,6 +192,7 @@ class CheckpointStore(ShardedSaves):
             staged = write_staging(
                 self.backend, staging, run_id, step, ckpt_dir, step_name, tensors, metadata,
                 self.config.chunk_bytes, stats, self.config.io_threads,
+                previous=self.previous_chunks(run_id, step),
             )
             faults.point("before-commit")
             won = staging.commit(final, MARKER, staged.marker,
@@ -197,6 +208,23 @@ class CheckpointStore(ShardedSaves):
             staging.discard()
             raise
         return self._published(run_id, step, staging, won, staged.manifest_hash, stats, t0)
+
+    def previous_chunks(self, run_id: str, step: int) -> dict[str, tuple[str, int, str]]:
+        """The chunk files of the newest committed checkpoint before ``step`` (incremental
+        saves: an unchanged chunk is linked from there). Empty when there is none, when
+        incremental saves are off, or when its manifest cannot be read: a save never fails
+        because an older checkpoint is damaged, it only writes more."""
+        if not self.config.incremental:
+            return {}
+        try:
+            earlier = [s for s in self.steps(run_id) if s < step]
+            if not earlier:
+                return {}
+            manifest, _ = self.read_manifest(run_id, earlier[-1])
+        except Exception as e:  # noqa: BLE001 - any damage: just write everything
+            log.info("incremental save of %s@%s writes every chunk: %s", run_id, step, e)
+            return {}
+        return previous_chunks(self._ckpt_dir(run_id), step_dirname(earlier[-1]), manifest)
 
     def _published(
         self, run_id: str, step: int, staging: Staging | None, won: bool, manifest_hash: str,

@@ -36,9 +36,10 @@ class SaveStats:
 
     Attributes:
         bytes_written: chunk bytes written to new files.
-        bytes_reused: chunk bytes taken from a dead writer's staging instead of rewritten.
+        bytes_reused: chunk bytes not written because a file already held them: a dead
+            writer's staging of the same step, or the previous checkpoint (unchanged chunks).
         chunks_written: chunk files written.
-        chunks_reused: chunk files reused.
+        chunks_reused: chunk files reused (linked or copied, each verified first).
         files_written: every file written (chunks, zarr.json, manifest, marker).
         seconds: wall time of the save.
         durability: how it was made durable ("syncfs", "fsync", "none", "object-store").
@@ -62,6 +63,17 @@ class StagedCheckpoint:
     staging: Staging
     manifest_hash: str
     marker: bytes
+
+
+def previous_chunks(ckpt_dir: str, prev_step_name: str,
+                    manifest: Manifest) -> dict[str, tuple[str, int, str]]:
+    """Every chunk file of a committed checkpoint: relative path -> (path, nbytes, xxh3-128)."""
+    base = f"{ckpt_dir}/{prev_step_name}"
+    return {
+        f"{entry.layout.name}/{spec.key}": (f"{base}/{entry.layout.name}/{spec.key}", spec.nbytes, digest)
+        for entry in manifest.arrays
+        for spec, digest in zip(entry.layout.chunks, entry.hashes, strict=True)
+    }
 
 
 def staging_prefix(step_name: str) -> str:
@@ -88,11 +100,20 @@ def check_inputs(tensors: Mapping[str, Any], metadata: dict) -> bytes:
 
 
 class _Reuse:
-    """Chunk files of dead writers of the same step, looked up by relative path."""
+    """Chunk files that may already hold a chunk's bytes, looked up by relative path: dead
+    writers' files of the same step, and the previous committed checkpoint's (``previous``:
+    relative path -> (path, nbytes, xxh3-128 its manifest records))."""
 
-    def __init__(self, backend: Backend, dirs: list[str]) -> None:
+    def __init__(self, backend: Backend, dirs: list[str],
+                 previous: Mapping[str, tuple[str, int, str]] | None = None) -> None:
         self._b = backend
         self._dirs = dirs
+        self._previous = previous or {}
+
+    def unchanged(self, relpath: str, nbytes: int) -> tuple[str, str] | None:
+        """(path, digest) of the previous checkpoint's file at ``relpath`` if its size fits."""
+        prev = self._previous.get(relpath)
+        return (prev[0], prev[2]) if prev is not None and prev[1] == nbytes else None
 
     def candidates(self, relpath: str, nbytes: int) -> list[str]:
         if not self._dirs:
@@ -132,14 +153,21 @@ def _put_chunk(
     nbytes = len(data) + pad
     h = xxhash.xxh3_128()
     cands = reuse.candidates(rel, nbytes)
-    if not cands:
+    prev = reuse.unchanged(rel, nbytes)
+    if not cands and prev is None:
         written = staging.write_chunk(rel, data, pad, (h,), ())
     else:
-        # Hash the new bytes from memory first, then compare with the dead writer's file.
+        # Hash the new bytes from memory first, then compare with the files that may hold
+        # them: the previous checkpoint's (an unchanged chunk: a frozen layer), a dead writer's.
         h.update(data)
         if pad:
             h.update(bytes(pad))
-        src = reuse.matching(cands, nbytes, h.hexdigest())
+        digest = h.hexdigest()
+        if prev is not None and prev[1] == digest:
+            cands = [prev[0], *cands]
+        # The file is read and hashed before it is linked: a manifest says what a file held
+        # when it was committed, and a rotten one must not become part of this checkpoint too.
+        src = reuse.matching(cands, nbytes, digest)
         if src is not None:
             staging.adopt(rel, src)
             counter.add(bytes_reused=nbytes, chunks_reused=1)
@@ -162,6 +190,7 @@ def write_staging(
     chunk_bytes: int,
     stats: SaveStats,
     io_threads: int = 4,
+    previous: Mapping[str, tuple[str, int, str]] | None = None,
 ) -> StagedCheckpoint:
     """Write everything of one checkpoint into ``staging`` (not yet committed).
 
@@ -169,6 +198,10 @@ def write_staging(
     a file or folder costs ~1 ms of waiting, and threads overlap that wait with other chunks'
     data copies (os.write and xxhash both release the GIL). The main thread meanwhile feeds the
     state hash, which needs tensors in name order, from memory.
+
+    A chunk whose bytes equal the same chunk of the previous checkpoint (``previous``, from
+    ``previous_chunks``) is hard-linked (local) or copied server-side (fsspec), not written:
+    readers and ``verify`` see an ordinary file, and deleting the older checkpoint leaves it.
     """
     from storage.tensors import host_bytes
 
@@ -177,7 +210,7 @@ def write_staging(
     others = [
         f"{ckpt_dir}/{n}" for n in backend.list_dir(ckpt_dir) if n.startswith(prefix) and n != mine
     ]
-    reuse = _Reuse(backend, others)
+    reuse = _Reuse(backend, others, previous)
     counter = _Counter(stats)
     state = StateHasher()
     names = sorted(tensors)
@@ -244,4 +277,7 @@ def write_staging(
     return StagedCheckpoint(staging, manifest_hash, encode_marker(run_id, step, manifest_hash))
 
 
-__all__ = ["MARKER", "SaveStats", "StagedCheckpoint", "check_inputs", "staging_prefix", "write_staging"]
+__all__ = [
+    "MARKER", "SaveStats", "StagedCheckpoint", "check_inputs", "previous_chunks", "staging_prefix",
+    "write_staging",
+]
