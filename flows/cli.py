@@ -41,6 +41,9 @@ OPTION_HELP = {
     "mtbf": "mean time between failures assumed by --ckpt-every auto (default 1h; refused "
             "without it)",
     "keep": "retention: keep the newest K checkpoints plus epoch ends (default 3)",
+    "async_save": "checkpoints inside a batch group stop training only for a snapshot of the "
+                  "state; hashing, writing and the commit run in the background, one at a time "
+                  "(a group's end still commits before the group returns). Single rank only",
     "workers": "data-parallel ranks training one model together, one Dask worker each "
                "(default 1); must divide the preset's batch. A run keeps its N: resuming with "
                "another is refused unless --reshard",
@@ -129,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures-per-worker", type=int, metavar="F",
                    help=h["max_failures_per_worker"])
     p.add_argument("--lease-ttl", metavar="DUR", help=h["lease_ttl"])
+    p.add_argument("--async-save", action="store_true", default=None, help=h["async_save"])
     p.add_argument("--retries", type=int, default=2, help=h["retries"])
     p.add_argument("--hang-timeout", default="5m", metavar="DUR", help=h["hang_timeout"])
     p.add_argument("--cluster-timeout", default="30s", metavar="DUR", help=h["cluster_timeout"])

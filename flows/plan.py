@@ -98,6 +98,7 @@ def build_plan(params: TrainParams, corpus: Corpus | None = None) -> RunPlan:
         chaos_spec=params.chaos or "",
         device=params.device,
         keep_last=params.keep,
+        async_save=params.async_save,
     )
     stop_at = min(params.until or total, total)
     plan = RunPlan(run, total, group_steps, ckpt_every, auto, epoch_steps, stop_at,

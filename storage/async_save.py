@@ -163,6 +163,15 @@ class AsyncSaver(Generic[T]):
             self.stats.stall_s += time.perf_counter() - t0
             self.stats.wait_s += time.perf_counter() - t0
 
+    def wait_quietly(self) -> BackgroundSaveError | None:
+        """Wait for a save that an earlier, failed caller left in flight; returns its failure
+        instead of raising it (that caller's error was already reported)."""
+        try:
+            self._finish_in_flight()
+        except BackgroundSaveError as err:
+            return err
+        return None
+
     @property
     def busy(self) -> bool:
         """Whether a save is in flight."""

@@ -15,8 +15,9 @@ from datetime import timedelta
 from storage import CheckpointRef, CorruptCheckpointError, TransientStoreError, lease, open_store
 from storage.faults import ENV as STORAGE_FAULT_ENV
 from storage.lease import LeaseLostError
-from storage.store import CheckpointStore
+from storage.store import CheckpointStore, SaveStats
 from tasks import chaos, health, progress
+from tasks.background_saves import GroupSaves
 from tasks.jobs import GroupJob, GroupResult, RunSpec
 from tasks.worker_cache import (
     WarmTrainer,
@@ -215,6 +216,19 @@ def run_group(job: GroupJob) -> GroupResult:
     productive_s = warm.productive_s
     losses: list[float] = []
     ref = warm.at_ref
+
+    def committed_in_background(done: CheckpointRef, stats: SaveStats) -> None:
+        nonlocal ref
+        ref = done
+        result.bytes_reused += stats.bytes_reused
+        if stats.outcome == "committed":
+            result.checkpoints.append(done.step)
+            attempt["checkpoints"].append(done.step)
+            attempt.setdefault("background_checkpoints", []).append(done.step)
+            _record_attempt(store, job, attempt_name, attempt)
+        _corrupt_after_commit(plan, store, job, done)  # the rot is for a later load to find
+
+    saves = GroupSaves(store, job, result, committed_in_background) if run.async_save else None
     try:
         while trainer.step < job.last_step:
             next_step = trainer.step + 1
@@ -233,10 +247,20 @@ def run_group(job: GroupJob) -> GroupResult:
             at_boundary = trainer.step % job.ckpt_every == 0 or trainer.step == job.last_step
             past_deadline = job.deadline_unix is not None and time.time() >= job.deadline_unix
             save_s = 0.0
-            if at_boundary or past_deadline:
+            if saves is not None:
+                saves.poll()  # a background failure surfaces at the next step, not the group end
+            group_ends = trainer.step == job.last_step or past_deadline
+            if at_boundary and saves is not None and not group_ends:
                 _arm_kill_during_save(plan, store, job, trainer.step)
-                ref, save_s = _save_and_prune(store, warm, result, job, {
+                save_s = saves.submit(warm, {"productive_s": productive_s,
+                                             "train_loss": step_result.loss})
+            elif at_boundary or past_deadline:
+                if saves is not None:
+                    save_s = saves.wait()  # committed in order: the group's end comes last
+                _arm_kill_during_save(plan, store, job, trainer.step)
+                ref, end_save_s = _save_and_prune(store, warm, result, job, {
                     "productive_s": productive_s, "train_loss": step_result.loss})
+                save_s += end_save_s
                 if ref.step in result.checkpoints:
                     attempt["checkpoints"].append(ref.step)
                     _record_attempt(store, job, attempt_name, attempt)
@@ -261,6 +285,8 @@ def run_group(job: GroupJob) -> GroupResult:
     except BaseException:
         drop_warm()
         raise
+    if saves is not None:
+        saves.wait()
     if ref is None:
         # The group trained nothing new (its start already was its end): commit the start.
         ref = _save(store, warm, result, run, {"productive_s": productive_s})

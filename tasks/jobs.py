@@ -26,6 +26,8 @@ class RunSpec:
     """auto | cpu | cuda."""
     keep_last: int = 3
     """Retention: the newest checkpoints kept (plus protected epoch ends)."""
+    async_save: bool = False
+    """Checkpoints inside a group are written in the background (tasks/background_saves.py)."""
     lease_epoch: int | None = None
     """The coordinator's lease epoch (`storage.lease`): every commit carries it and is refused
     once another coordinator took the run over or the lease expired; None = unfenced."""

@@ -1,0 +1,88 @@
+"""`--async-save` end to end (issue 11): the same final state as synchronous saves; a worker
+SIGKILLed during a background save and a disk that fills up under one leave nothing corrupt
+visible, and the failure is in the summary."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from storage import open_store
+from tests.cli_helpers import ROOT, STEPS, cli_args, committed_steps, read_summary, run_cli
+from tests.storage_helpers import small_tmpfs
+
+pytestmark = pytest.mark.slow
+
+
+def _run(store: Path, corpus: Path, run_id: str, *extra: str) -> tuple[subprocess.CompletedProcess,
+                                                                        dict[str, Any]]:
+    summary_path = store.parent / f"{run_id}.json"
+    done = run_cli(cli_args(store, corpus, run_id, "--async-save", *extra,
+                            "--summary-json", str(summary_path)))
+    return done, read_summary(summary_path)
+
+
+def _background(store: Path, run_id: str) -> list[int]:
+    """Steps committed by background saves, from the attempts' records."""
+    return sorted(step for _, doc in open_store(str(store)).list_json(run_id, "attempts")
+                  for step in doc.get("background_checkpoints", []))
+
+
+def _verify(store: Path, run_id: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "storage", "verify", str(store), run_id],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_async_and_sync_saves_end_in_the_same_state(reference: dict[str, Any], tmp_path: Path,
+                                                    corpus: Path) -> None:
+    done, s = _run(tmp_path / "store", corpus, "async")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert s["status"] == "completed" and s["state_hash"] == reference["state_hash"]
+    # Every planned checkpoint was committed, those inside groups by the background thread.
+    assert committed_steps(tmp_path / "store", "async") == list(range(5, STEPS + 1, 5))
+    assert _background(tmp_path / "store", "async") == [5, 15, 25, 35]  # groups end at 10s
+    assert s["checkpoints_committed"] == reference["checkpoints_committed"]
+    assert _verify(tmp_path / "store", "async").returncode == 0
+
+
+def test_a_worker_killed_during_a_background_save_loses_nothing_committed(
+        reference: dict[str, Any], tmp_path: Path, corpus: Path) -> None:
+    # Step 25 is inside the group (20, 30]: its save runs in the background while training goes
+    # on, and the worker SIGKILLs itself after three of its chunk files.
+    done, s = _run(tmp_path / "store", corpus, "kill-bg", "--chaos", "kill-during-save@25")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert s["state_hash"] == reference["state_hash"]
+    [failure] = s["failures"]
+    assert failure["kind"] == "kill-during-save"
+    assert 25 in committed_steps(tmp_path / "store", "kill-bg")  # saved again by the retry
+    assert _verify(tmp_path / "store", "kill-bg").returncode == 0
+    attempts = [doc for _, doc in open_store(str(tmp_path / "store")).list_json("kill-bg", "attempts")]
+    assert any(a.get("bytes_reused") for a in attempts)  # the dead save's verified chunks
+
+
+def test_a_background_write_failure_fails_the_run_in_one_line(tmp_path: Path,
+                                                              corpus: Path) -> None:
+    # A tiny-preset checkpoint takes ~2.5 MiB of tmpfs: with a checkpoint every 2 steps and
+    # groups of 10, the save that meets ENOSPC is one of steps 2-8, all written in the background.
+    with small_tmpfs(tmp_path / "full", "9m") as full:
+        done, s = _run(full, corpus, "bg-full", "--ckpt-every", "2")
+        on_disk = committed_steps(full, "bg-full")
+        background = _background(full, "bg-full")
+        verify = _verify(full, "bg-full")
+        leftovers = [p.name for p in (full / "bg-full" / "ckpt").iterdir()
+                     if p.name.startswith(".staging-")]
+    terminal = done.stdout + done.stderr
+    assert done.returncode == 1, terminal[-3000:]
+    assert "Traceback" not in terminal, terminal[-3000:]
+    [error] = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert "No space left on device" in error
+    assert s["status"] == "failed" and "No space left on device" in s["reason"]
+    assert [f["kind"] for f in s["failures"]] == ["storage"]
+    assert on_disk and max(on_disk) < 10 and background == on_disk
+    assert s["checkpoints_committed"] == len(on_disk)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert not leftovers  # a save no retry can finish gives its space back
