@@ -41,6 +41,11 @@ instead, the same bytes under the same prefix, order alternating every round:
   store_load_verified  CheckpointStore.load with every chunk hash verified.
 Ratios: store_save_vs_s3fs_put, store_load_verified_vs_s3fs_get (throughput, higher is better
 for the store).
+
+With --async, background saves against synchronous ones instead (bench/async_save.py): the
+store's save against AsyncSaver's stall on the --size state, then --train-steps of real
+training with no saves, a background save every --save-every steps, and a synchronous one.
+Ratios: async_stall_vs_sync_save, train_async_vs_no_save, train_sync_vs_no_save.
 """
 
 from __future__ import annotations
@@ -394,9 +399,27 @@ def main(argv: list[str] | None = None) -> int:
                    help="also print where the store's save spends its time (always in --json)")
     p.add_argument("--store", default=None, metavar="URL",
                    help="an s3:// URL: the store there against plain s3fs puts (see above)")
+    p.add_argument("--async", dest="async_", action="store_true",
+                   help="background saves instead: see `python -m bench.async_save` below")
+    p.add_argument("--model", default="small", help="with --async: the training preset (default small)")
+    p.add_argument("--train-steps", type=int, default=60, help="with --async: steps timed (default 60)")
+    p.add_argument("--save-every", type=int, default=20, help="with --async: steps between saves (default 20)")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
+    if args.async_:
+        from bench.async_save import run_async
+
+        out = run_async(gpt_state(args.size), args.rounds, args.dir or tempfile.gettempdir(),
+                        args.chunk_mib, args.model, args.train_steps, args.save_every)
+        if args.json:
+            print(json.dumps(out))
+        else:
+            print_table(f"{out['size_bytes'] / 2**30:.2f} GiB state for the store part; "
+                        f"{out['model']} preset, {out['train_steps']} steps, a save every "
+                        f"{out['save_every']}, {out['torch_threads']} torch threads; median "
+                        f"(min-max) of {out['rounds']} rounds", out["rows"], out["ratios"])
+        return 0
     if args.store is not None:
         if not args.store.startswith("s3://"):
             p.error("--store takes an s3:// URL")

@@ -12,6 +12,7 @@ readers never see and whose verified chunks the next save of that step reuses.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -115,6 +116,22 @@ class SnapshotBuffers:
         return buf
 
 
+BACKGROUND_NICE = 10
+"""The background thread's nice value, above training's: on a machine whose cores all train
+(a CPU worker), its hashing and copies take the cycles training leaves, rather than an equal
+share. It still runs: a save in flight delays only the next one."""
+
+
+def _yield_to_training() -> None:
+    """Lower this thread's CPU priority (Linux: nice is per thread, and the I/O threads it
+    starts inherit it). Elsewhere, or when refused, it runs at normal priority."""
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), max(current, BACKGROUND_NICE))
+    except (AttributeError, OSError):
+        pass
+
+
 class AsyncSaver(Generic[T]):
     """One writer's background saves, at most one in flight."""
 
@@ -126,6 +143,13 @@ class AsyncSaver(Generic[T]):
         self._in_flight: tuple[str, Future[T]] | None = None
         self._lock = threading.Lock()
         self.last_result: T | None = None
+
+    def prepare(self, tensors: Mapping[str, Any]) -> None:
+        """Allocate (and touch) the snapshot buffers for a state of this shape now, so the
+        first save does not pay for fresh pages (a first touch runs at a fraction of a copy's
+        speed). Only while no save is in flight: the buffers are the snapshot's."""
+        if self._in_flight is None:
+            self._buffers.take(tensors)
 
     def submit(self, label: str, tensors: Mapping[str, Any],
                write: Callable[[Mapping[str, Any]], T]) -> float:
@@ -196,6 +220,7 @@ class AsyncSaver(Generic[T]):
 
     def _run(self, write: Callable[[Mapping[str, Any]], T], snapshot: Mapping[str, Any]) -> T:
         t0 = time.perf_counter()
+        _yield_to_training()
         try:
             for delay in (*self._retry_delays_s, None):
                 try:
