@@ -418,11 +418,16 @@ class CheckpointStore(ShardedSaves):
         keep_last: int = 3,
         keep_every: int | None = None,
         protect: Iterable[int] = (),
+        just_committed: CheckpointRef | None = None,
     ) -> list[int]:
         """Delete checkpoints the retention policy lets go, and dead writers' staging folders.
 
         The newest checkpoint that verifies is always kept (it is verified here, a full read),
-        so a corrupt newest step never costs the last good one.
+        so a corrupt newest step never costs the last good one. ``just_committed``: the ref a
+        save by this caller has just returned (every chunk hashed from memory as it was
+        written): when it is still the newest and its marker still names it, it counts as
+        verified without being read back, which spares every save of a training run a full
+        read of what it wrote.
 
         Returns:
             The deleted steps, ascending.
@@ -432,6 +437,10 @@ class CheckpointStore(ShardedSaves):
         steps = self.steps(run_id)
         newest_verified = None
         for step in reversed(steps):
+            if just_committed is not None and step == just_committed.step and \
+                    self.ref(run_id, step) == just_committed:
+                newest_verified = step
+                break
             if self.verify(run_id, step).ok:
                 newest_verified = step
                 break

@@ -70,8 +70,9 @@ class GroupSaves:
             finally:
                 os.environ.pop(STORAGE_FAULT_ENV, None)  # an armed fault is for one save only
             stats = self._store.last_save_stats or SaveStats()
-            # Retention verifies the newest checkpoint (a full read): off the training path too.
-            self._store.gc(run.run_id, keep_last=run.keep_last, protect=job.protect_steps)
+            # Retention, off the training path too (the checkpoint just written is not read back).
+            self._store.gc(run.run_id, keep_last=run.keep_last, protect=job.protect_steps,
+                           just_committed=ref)
             self._done.append((ref, stats))
             return ref
 

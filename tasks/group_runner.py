@@ -171,8 +171,9 @@ def _save_and_prune(store: CheckpointStore, warm: WarmTrainer, result: GroupResu
     t0 = time.perf_counter()
     ref = _save(store, warm, result, job.run, extra)
     t1 = time.perf_counter()
-    # Retention verifies the newest checkpoint (a full read): part of what a checkpoint costs.
-    store.gc(job.run.run_id, keep_last=job.run.keep_last, protect=job.protect_steps)
+    # Retention keeps the newest verified checkpoint: the one just written needs no read back.
+    store.gc(job.run.run_id, keep_last=job.run.keep_last, protect=job.protect_steps,
+             just_committed=ref)
     result.ckpt_s += time.perf_counter() - t1
     return ref, time.perf_counter() - t0
 

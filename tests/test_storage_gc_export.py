@@ -68,6 +68,20 @@ def test_gc_never_deletes_the_newest_verified(tmp_path: Path) -> None:
     assert store.load_latest_verified("r").ref.step == 1
 
 
+def test_gc_after_a_save_reads_nothing_back(tmp_path: Path) -> None:
+    store = _fill(tmp_path, [1, 2])
+    ref = store.save("r", 3, {"w": torch.full((16, 4), 3.0), "t": torch.tensor(3)}, {"step": 3})
+    reads: list[str] = []
+    read_chunk = store.backend.read_chunk
+    store.backend.read_chunk = lambda path, *a, **k: reads.append(path) or read_chunk(path, *a, **k)
+    assert store.gc("r", keep_last=1, just_committed=ref) == [1, 2]
+    assert reads == []  # the step just written is trusted, not read back
+    # A ref whose manifest hash is not what the store holds for step 3 is not trusted.
+    stale = type(ref)(ref.run_id, ref.step, "0" * len(ref.manifest_hash))
+    assert store.gc("r", keep_last=1, just_committed=stale) == []
+    assert reads  # verified the usual way
+
+
 def test_gc_validates_before_deleting(tmp_path: Path) -> None:
     store = _fill(tmp_path, [1, 2])
     with pytest.raises(ValueError, match="keep_last"):
