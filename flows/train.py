@@ -139,8 +139,11 @@ def train_epoch(plan: RunPlan, params: TrainParams, groups: list[Group], start_r
 
     def run_group(group: Group) -> dict[str, Any]:
         nonlocal last_worker
+        # An epoch's end is evaluated from the store, and the run's last group ends the run:
+        # their checkpoints commit before the group returns; others may land in the background.
+        commit_end = not plan.run.async_save or group.epoch_end or group.last_step >= plan.stop_at
         job = GroupJob(plan.run, group.first_step, group.last_step, plan.ckpt_every,
-                       protect, deadline_unix)
+                       protect, deadline_unix, commit_end)
         if ranks is not None:
             result = _run_ranked(ranks, job, use_gpu, tally)
         else:
@@ -149,7 +152,7 @@ def train_epoch(plan: RunPlan, params: TrainParams, groups: list[Group], start_r
                 lambda pinned, w=last_worker: _placement(use_gpu, w if pinned else None, watch),
                 watch, dog, f"steps {group.first_step}-{group.last_step}", params.retries,
                 on_infra)
-        out["ref"], last_worker = result["ref"], result.get("worker")
+        out["ref"], last_worker = result["ref"] or out["ref"], result.get("worker")
         tally.absorb_group(result)
         for line in result["corrupt"]:
             _say(f"corrupt checkpoint skipped: {line}", "yellow")

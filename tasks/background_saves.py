@@ -2,8 +2,10 @@
 state; hashing, writing, the commit and retention run on a background thread of the worker.
 
 The worker keeps one saver for all its groups, so the snapshot buffers are allocated once. At
-most one save is in flight; a group's end checkpoint is committed before the group returns (the
-flow hands its reference on), so the saves in flight there are waited for first. What a
+most one save is in flight. A group's end checkpoint commits before the group returns where the
+flow needs it (an epoch's end is evaluated from the store; the run's last group); otherwise it
+too is written in the background, and the next group on the worker waits for it before it
+starts (its failure then fails that group, whose retry resumes from what did commit). What a
 background save did (its commit, its bytes) is recorded on the training thread, between steps.
 A background failure is raised on the training thread as the store raised it: a full disk is
 fatal for the run, a transient error that outlived the retries fails the task (which is retried),
@@ -41,6 +43,27 @@ def worker_saver() -> AsyncSaver:
         return _saver
 
 
+_committed: deque[tuple[CheckpointRef, SaveStats]] = deque()
+"""Background commits not yet recorded by a group (a group's end may be recorded by the next)."""
+_pending_end: int | None = None
+"""The step of a group's end checkpoint still being written after its group returned."""
+
+
+def settle_previous() -> None:
+    """Before a group starts on this worker: wait for the save still in flight. When it is the
+    previous group's end checkpoint and it failed, raise that failure (the flow took the group
+    as done; this group's retry then resumes from the newest checkpoint that did commit). A save
+    an earlier, failed attempt left behind is only logged: that attempt's error was reported."""
+    global _pending_end
+    failure = worker_saver().wait_quietly()
+    pending, _pending_end = _pending_end, None
+    if failure is None:
+        return
+    if pending is not None:
+        raise _as_raised(failure)
+    log.warning("%s (after its attempt had failed)", failure)
+
+
 class GroupSaves:
     """One group's background checkpoints."""
 
@@ -51,13 +74,15 @@ class GroupSaves:
         self._result = result
         self._on_commit = on_commit
         self._saver = worker_saver()
-        self._done: deque[tuple[CheckpointRef, SaveStats]] = deque()
-        earlier = self._saver.wait_quietly()  # a save an earlier, failed attempt left in flight
-        if earlier is not None:
-            log.warning("%s (after its attempt had failed)", earlier)
+        self._done = _committed
+        settle_previous()
+        self.record()  # the previous group's end, committed since it returned
 
-    def submit(self, warm: WarmTrainer, extra: dict[str, Any]) -> float:
-        """Snapshot the trainer's state and save it in the background; returns the stall."""
+    def submit(self, warm: WarmTrainer, extra: dict[str, Any], group_end: bool = False) -> float:
+        """Snapshot the trainer's state and save it in the background; returns the stall.
+        ``group_end``: the group returns before this commit; the warm state learns its ref
+        when it lands (the next group on this worker waits for it before it starts)."""
+        global _pending_end
         run, job = self._job.run, self._job
         trainer = warm.trainer
         tensors, meta = trainer.capture(extra)
@@ -73,6 +98,8 @@ class GroupSaves:
             # Retention, off the training path too (the checkpoint just written is not read back).
             self._store.gc(run.run_id, keep_last=run.keep_last, protect=job.protect_steps,
                            just_committed=ref)
+            if group_end:
+                warm.at_ref = ref  # read only after settle_previous() has waited for this
             self._done.append((ref, stats))
             return ref
 
@@ -83,6 +110,8 @@ class GroupSaves:
         finally:
             self.record()
         self._result.ckpt_s += stall
+        if group_end:
+            _pending_end = step
         return stall
 
     def record(self) -> None:
@@ -120,4 +149,4 @@ def _as_raised(err: BackgroundSaveError) -> BaseException:
     return cause if isinstance(cause, Exception) else err
 
 
-__all__ = ["GroupSaves", "worker_saver"]
+__all__ = ["GroupSaves", "settle_previous", "worker_saver"]

@@ -17,7 +17,7 @@ from storage.faults import ENV as STORAGE_FAULT_ENV
 from storage.lease import LeaseLostError
 from storage.store import CheckpointStore, SaveStats
 from tasks import chaos, health, progress
-from tasks.background_saves import GroupSaves
+from tasks.background_saves import GroupSaves, settle_previous
 from tasks.jobs import GroupJob, GroupResult, RunSpec
 from tasks.worker_cache import (
     WarmTrainer,
@@ -183,6 +183,8 @@ def run_group(job: GroupJob) -> GroupResult:
     run = job.run
     store = open_store(run.store_url)
     result = GroupResult(ref={}, step=job.first_step, worker=progress.worker_name())
+    if run.async_save:
+        settle_previous()  # the previous group's end may still be committing on this worker
     done = _verified_committed(store, run.run_id, job.last_step)
     if done is not None:
         result.ref, result.step, result.reused = done.to_dict(), done.step, True
@@ -230,6 +232,7 @@ def run_group(job: GroupJob) -> GroupResult:
         _corrupt_after_commit(plan, store, job, done)  # the rot is for a later load to find
 
     saves = GroupSaves(store, job, result, committed_in_background) if run.async_save else None
+    pending_end = False
     try:
         while trainer.step < job.last_step:
             next_step = trainer.step + 1
@@ -251,10 +254,13 @@ def run_group(job: GroupJob) -> GroupResult:
             if saves is not None:
                 saves.poll()  # a background failure surfaces at the next step, not the group end
             group_ends = trainer.step == job.last_step or past_deadline
-            if at_boundary and saves is not None and not group_ends:
+            end_in_background = group_ends and not job.commit_end and not past_deadline
+            if at_boundary and saves is not None and (not group_ends or end_in_background):
                 _arm_kill_during_save(plan, store, job, trainer.step)
                 save_s = saves.submit(warm, {"productive_s": productive_s,
-                                             "train_loss": step_result.loss})
+                                             "train_loss": step_result.loss},
+                                      group_end=end_in_background)
+                pending_end = end_in_background
             elif at_boundary or past_deadline:
                 if saves is not None:
                     save_s = saves.wait()  # committed in order: the group's end comes last
@@ -286,9 +292,11 @@ def run_group(job: GroupJob) -> GroupResult:
     except BaseException:
         drop_warm()
         raise
-    if saves is not None:
+    if saves is not None and not pending_end:
         saves.wait()
-    if ref is None:
+    elif saves is not None:
+        saves.record()
+    if ref is None and not pending_end:
         # The group trained nothing new (its start already was its end): commit the start.
         ref = _save(store, warm, result, run, {"productive_s": productive_s})
         attempt["checkpoints"] += [ref.step] if ref.step in result.checkpoints else []
@@ -297,7 +305,11 @@ def run_group(job: GroupJob) -> GroupResult:
     attempt.update(ended_unix=time.time(), bytes_reused=result.bytes_reused,
                    save_retries=len(result.save_retries))
     _record_attempt(store, job, attempt_name, attempt)
-    result.ref, result.step = ref.to_dict(), ref.step
+    if pending_end:
+        # The end checkpoint is still being written: hand back the newest one committed.
+        result.ref, result.step = (ref.to_dict() if ref is not None else {}), trainer.step
+    else:
+        result.ref, result.step = ref.to_dict(), ref.step
     tail = losses[-10:]
     result.train_loss = sum(tail) / len(tail) if tail else None
     return result

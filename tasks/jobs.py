@@ -48,6 +48,9 @@ class GroupJob:
     """Checkpoints retention must keep (epoch ends)."""
     deadline_unix: float | None = None
     """Wall-clock time after which the group stops at its next checkpoint (--time-budget)."""
+    commit_end: bool = True
+    """With --async-save, False lets the group return while its end checkpoint is still being
+    written (the flow needs it only at an epoch's end and at the run's last group)."""
 
 
 @dataclass
