@@ -75,6 +75,13 @@ class RunTally:
     """summary["redundancy"]: standby, spares, roles, quarantined workers, replacements and the
     cluster's size at start and end (flows.redundancy.redundancy_state)."""
 
+    background_stall_s: float = 0.0
+    """Stall of every background save so far (--async-save): what --ckpt-every auto prices."""
+    background_saves: int = 0
+    ckpt_auto: dict[str, Any] | None = None
+    """summary["ckpt_auto"]: the interval --ckpt-every auto chose last and what it was made of
+    (the measured stall per checkpoint, the step time, the MTBF)."""
+
     def absorb_group(self, result: dict[str, Any]) -> None:
         """Fold one batch group's result in as it arrives (an epoch that fails later keeps it)."""
         self.losses += [tuple(x) for x in result["losses"]]
@@ -87,6 +94,8 @@ class RunTally:
         self.vote_s += float(result.get("vote_s", 0.0))
         self.vote_wait_s += float(result.get("vote_wait_s", 0.0))
         self.steps_trained += int(result.get("steps_trained", 0))
+        self.background_stall_s += float(result.get("background_stall_s", 0.0))
+        self.background_saves += int(result.get("background_saves", 0))
 
     def absorb_eval(self, step: int, loss: float) -> None:
         self.evals.append((step, loss))
@@ -131,6 +140,8 @@ def build_summary(tally: RunTally, status: str, reason: str | None, wall_s: floa
     }
     if tally.redundancy is not None:
         summary["redundancy"] = tally.redundancy
+    if tally.ckpt_auto is not None:
+        summary["ckpt_auto"] = tally.ckpt_auto
     return summary
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -49,19 +50,21 @@ _pending_end: int | None = None
 """The step of a group's end checkpoint still being written after its group returned."""
 
 
-def settle_previous() -> None:
+def settle_previous() -> float:
     """Before a group starts on this worker: wait for the save still in flight. When it is the
     previous group's end checkpoint and it failed, raise that failure (the flow took the group
     as done; this group's retry then resumes from the newest checkpoint that did commit). A save
-    an earlier, failed attempt left behind is only logged: that attempt's error was reported."""
+    an earlier, failed attempt left behind is only logged: that attempt's error was reported.
+    Returns the seconds waited (training stood still for them)."""
     global _pending_end
+    t0 = time.perf_counter()
     failure = worker_saver().wait_quietly()
     pending, _pending_end = _pending_end, None
-    if failure is None:
-        return
-    if pending is not None:
-        raise _as_raised(failure)
-    log.warning("%s (after its attempt had failed)", failure)
+    if failure is not None:
+        if pending is not None:
+            raise _as_raised(failure)
+        log.warning("%s (after its attempt had failed)", failure)
+    return time.perf_counter() - t0
 
 
 class GroupSaves:
@@ -110,6 +113,8 @@ class GroupSaves:
         finally:
             self.record()
         self._result.ckpt_s += stall
+        self._result.background_stall_s += stall
+        self._result.background_saves += 1
         if group_end:
             _pending_end = step
         return stall

@@ -184,7 +184,8 @@ def run_group(job: GroupJob) -> GroupResult:
     store = open_store(run.store_url)
     result = GroupResult(ref={}, step=job.first_step, worker=progress.worker_name())
     if run.async_save:
-        settle_previous()  # the previous group's end may still be committing on this worker
+        # The previous group's end may still be committing on this worker: its wait is stall.
+        result.ckpt_s += settle_previous()
     done = _verified_committed(store, run.run_id, job.last_step)
     if done is not None:
         result.ref, result.step, result.reused = done.to_dict(), done.step, True

@@ -79,6 +79,10 @@ class GroupResult:
     ckpt_s: float = 0.0
     """Seconds spent saving checkpoints (the training stall)."""
     load_s: float = 0.0
+    background_stall_s: float = 0.0
+    """Of ckpt_s, what the background saves' snapshots (and waits for the save before) took."""
+    background_saves: int = 0
+    """Saves started in the background (--async-save)."""
     checkpoints: list[int] = field(default_factory=list)
     """Steps committed by this group."""
     worker: str | None = None

@@ -101,3 +101,20 @@ def test_a_background_write_failure_fails_the_run_in_one_line(tmp_path: Path,
     assert s["checkpoints_committed"] == len(on_disk)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert not leftovers  # a save no retry can finish gives its space back
+
+
+def test_ckpt_every_auto_is_sized_by_the_measured_stall(reference: dict[str, Any], tmp_path: Path,
+                                                        corpus: Path) -> None:
+    from flows.plan import young_daly_interval
+
+    done, s = _run(tmp_path / "store", corpus, "auto", "--ckpt-every", "auto", "--mtbf", "1s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert s["state_hash"] == reference["state_hash"]  # the schedule never changes the math
+    auto = s["ckpt_auto"]
+    # The cost fed to Young/Daly is what training stood still for: with background saves, the
+    # snapshot (and any wait for the save before), never the whole save.
+    assert 0 < auto["stall_per_checkpoint_s"] and auto["mtbf_s"] == 1
+    assert auto["every"] == young_daly_interval(auto["stall_per_checkpoint_s"], 1,
+                                                auto["step_s"], 10)
+    print(auto)  # the interval picked, for the log
+    assert "--ckpt-every auto: every" in done.stdout + done.stderr
