@@ -74,7 +74,8 @@ def _rebound(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
            "--steps", str(args.steps), "--ckpt-every", str(args.ckpt_every), "--group-steps",
            str(args.group_steps), "--threads", str(args.threads), "--device", args.device,
            "--store", str(store), "--run-id", "bench", "--fresh",
-           "--summary-json", str(summary_path), *(["--data", args.data] if args.data else [])]
+           "--summary-json", str(summary_path), *(["--data", args.data] if args.data else []),
+           *(["--async-save"] if args.async_save else [])]
     final_eval = _final_eval_line(args.steps)
     started = time.time()
     # Its own session: on any failure the whole group (nanny, workers, Prefect server) is stopped.
@@ -164,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where both contenders train (default auto: CUDA when present)")
     p.add_argument("--rounds", type=int, default=3, help="rounds, alternating order (default 3)")
+    p.add_argument("--async-save", action="store_true",
+                   help="Rebound saves in the background (--async-save); the plain loop as before")
     p.add_argument("--data", help="corpus (default: the stdlib's source)")
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds one contender run may take (default 1800)")
