@@ -41,9 +41,9 @@ OPTION_HELP = {
     "mtbf": "mean time between failures assumed by --ckpt-every auto (default 1h; refused "
             "without it)",
     "keep": "retention: keep the newest K checkpoints plus epoch ends (default 3)",
-    "async_save": "checkpoints inside a batch group stop training only for a snapshot of the "
-                  "state; hashing, writing and the commit run in the background, one at a time "
-                  "(a group's end still commits before the group returns). Single rank only",
+    "async_save": "checkpoints stop training only for a snapshot of the state; hashing, "
+                  "writing and the commit run in the background, one at a time (epoch ends and "
+                  "the run's last checkpoint commit in line). Single rank only",
     "workers": "data-parallel ranks training one model together, one Dask worker each "
                "(default 1); must divide the preset's batch. A run keeps its N: resuming with "
                "another is refused unless --reshard",

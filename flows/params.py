@@ -56,7 +56,7 @@ class TrainParams(BaseModel):
     replicas: int = Field(1, ge=1, le=16, description="Replica groups, each --workers ranks on the same data and state (workers used: workers x replicas + spares).")
     replica_policy: Literal["first", "vote"] = Field("first", description="first: the first replica group to finish a group wins; vote: replicas compare state hashes (silent data corruption).")
     vote_every: int | None = Field(None, ge=1, description="With --replica-policy vote: also vote every K steps inside a group (default: at checkpoints and group ends).")
-    async_save: bool = Field(False, description="Checkpoints inside a batch group stop training only for a snapshot; hashing, writing and the commit run in the background (one save in flight).")
+    async_save: bool = Field(False, description="Checkpoints stop training only for a snapshot; hashing, writing and the commit run in the background (one save in flight; epoch ends and the run's last checkpoint commit in line).")
     retries: int = Field(2, ge=0, le=20, description="Retries of a failed batch group.")
     hang_timeout: str = Field("5m", description="A batch group silent this long is hung: its worker is restarted.")
     cluster_timeout: str = Field("30s", description="Scheduler unreachable this long: the run fails (exit 1).")
