@@ -65,9 +65,11 @@ class StoreConfig:
     """fsspec: a staging prefix older than this is considered abandoned (no locks there)."""
     io_threads: int = 4
     """Threads writing/reading chunk files; overlaps per-file latency (create, fsync)."""
-    incremental: bool = True
+    incremental: bool = False
     """A chunk equal to the same chunk of the previous committed checkpoint is linked (local)
-    or copied server-side (fsspec) after its bytes are verified, not written again."""
+    or copied server-side (fsspec) after its bytes are verified, not written again. Off by
+    default: on a local store a linked file is one inode for both checkpoints, so bit rot in
+    it corrupts both, and falling back past a corrupt checkpoint must then go further back."""
 
     def __post_init__(self) -> None:
         if self.chunk_bytes < 1:

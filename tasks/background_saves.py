@@ -81,11 +81,17 @@ class GroupSaves:
         settle_previous()
         self.record()  # the previous group's end, committed since it returned
 
-    def submit(self, warm: WarmTrainer, extra: dict[str, Any], group_end: bool = False) -> float:
+    def submit(self, warm: WarmTrainer, extra: dict[str, Any], group_end: bool = False,
+               before: Callable[[], None] | None = None) -> float:
         """Snapshot the trainer's state and save it in the background; returns the stall.
         ``group_end``: the group returns before this commit; the warm state learns its ref
-        when it lands (the next group on this worker waits for it before it starts)."""
+        when it lands (the next group on this worker waits for it before it starts).
+        ``before`` runs once the save in flight has ended, just before this one starts (a
+        fault armed for this save must not strike the one before)."""
         global _pending_end
+        waited = self._settle_in_flight() if before is not None else 0.0
+        if before is not None:
+            before()
         run, job = self._job.run, self._job
         trainer = warm.trainer
         tensors, meta = trainer.capture(extra)
@@ -112,12 +118,23 @@ class GroupSaves:
             raise _as_raised(err) from None
         finally:
             self.record()
+        stall += waited
         self._result.ckpt_s += stall
         self._result.background_stall_s += stall
         self._result.background_saves += 1
         if group_end:
             _pending_end = step
         return stall
+
+    def _settle_in_flight(self) -> float:
+        t0 = time.perf_counter()
+        try:
+            self._saver.wait()
+        except BackgroundSaveError as err:
+            raise _as_raised(err) from None
+        finally:
+            self.record()
+        return time.perf_counter() - t0
 
     def record(self) -> None:
         """Hand every save committed since the last look to ``on_commit`` (training thread)."""

@@ -257,10 +257,10 @@ def run_group(job: GroupJob) -> GroupResult:
             group_ends = trainer.step == job.last_step or past_deadline
             end_in_background = group_ends and not job.commit_end and not past_deadline
             if at_boundary and saves is not None and (not group_ends or end_in_background):
-                _arm_kill_during_save(plan, store, job, trainer.step)
-                save_s = saves.submit(warm, {"productive_s": productive_s,
-                                             "train_loss": step_result.loss},
-                                      group_end=end_in_background)
+                save_s = saves.submit(
+                    warm, {"productive_s": productive_s, "train_loss": step_result.loss},
+                    group_end=end_in_background,
+                    before=lambda at=trainer.step: _arm_kill_during_save(plan, store, job, at))
                 pending_end = end_in_background
             elif at_boundary or past_deadline:
                 if saves is not None:

@@ -37,7 +37,7 @@ def _loaded(store, run: str, step: int) -> dict[str, np.ndarray]:
 
 
 def test_unchanged_chunks_are_linked_and_survive_the_older_checkpoint(tmp_path: Path) -> None:
-    store = open_store(str(tmp_path), chunk_bytes=SMALL_CHUNK)
+    store = open_store(str(tmp_path), chunk_bytes=SMALL_CHUNK, incremental=True)
     first = numpy_state(1)
     store.save("r", 1, first, {})
     second = _next_state(first)
@@ -59,7 +59,7 @@ def test_unchanged_chunks_are_linked_and_survive_the_older_checkpoint(tmp_path: 
 
 
 def test_a_rotten_older_chunk_is_written_anew_not_linked(tmp_path: Path) -> None:
-    store = open_store(str(tmp_path), chunk_bytes=SMALL_CHUNK)
+    store = open_store(str(tmp_path), chunk_bytes=SMALL_CHUNK, incremental=True)
     first = numpy_state(2)
     store.save("r", 1, first, {})
     [victim, *_] = [p for p in chunk_files(tmp_path, "r", 1) if "layer3.weight" in str(p)]
@@ -71,8 +71,9 @@ def test_a_rotten_older_chunk_is_written_anew_not_linked(tmp_path: Path) -> None
     assert store.verify("r", 2).ok and not store.verify("r", 1).ok
 
 
-def test_incremental_saves_can_be_turned_off(tmp_path: Path) -> None:
-    store = open_store(str(tmp_path), chunk_bytes=SMALL_CHUNK, incremental=False)
+def test_incremental_saves_are_off_by_default(tmp_path: Path) -> None:
+    # A linked file is one inode for two checkpoints: rot in it would take both.
+    store = open_store(str(tmp_path), chunk_bytes=SMALL_CHUNK)
     first = numpy_state(3)
     store.save("r", 1, first, {})
     store.save("r", 2, _next_state(first), {})
@@ -82,7 +83,7 @@ def test_incremental_saves_can_be_turned_off(tmp_path: Path) -> None:
 
 def test_fsspec_stores_copy_unchanged_chunks() -> None:
     url = f"memory://incremental-{os.getpid()}"
-    store = open_store(url, chunk_bytes=SMALL_CHUNK)
+    store = open_store(url, chunk_bytes=SMALL_CHUNK, incremental=True)
     try:
         first = numpy_state(4)
         store.save("r", 1, first, {})
@@ -98,7 +99,7 @@ def test_fsspec_stores_copy_unchanged_chunks() -> None:
 
 
 def test_data_parallel_shares_link_unchanged_chunks(tmp_path: Path) -> None:
-    store = open_store(str(tmp_path), chunk_bytes=SMALL_CHUNK)
+    store = open_store(str(tmp_path), chunk_bytes=SMALL_CHUNK, incremental=True)
     first = numpy_state(5)
     store.save("r", 1, first, {})
     second = _next_state(first)
@@ -120,7 +121,7 @@ def test_fine_tuning_one_layer_writes_only_that_layer(tmp_path: Path) -> None:
     free = "transformer.h.1.attn.c_proj."
     for name, param in trainer.model.named_parameters():
         param.requires_grad_(name.startswith(free))
-    store = open_store(str(tmp_path / "store"), chunk_bytes=SMALL_CHUNK)
+    store = open_store(str(tmp_path / "store"), chunk_bytes=SMALL_CHUNK, incremental=True)
     written: list[int] = []
     for step in range(1, 5):
         trainer.train_step()
