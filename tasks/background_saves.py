@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from storage import CheckpointRef
 from storage.async_save import AsyncSaver, BackgroundSaveError
@@ -30,6 +30,7 @@ from tasks.jobs import GroupJob, GroupResult
 from tasks.worker_cache import WarmTrainer
 
 log = logging.getLogger("rebound.saves")
+T = TypeVar("T")
 
 _saver: AsyncSaver | None = None
 _saver_lock = threading.Lock()
@@ -112,12 +113,7 @@ class GroupSaves:
             self._done.append((ref, stats))
             return ref
 
-        try:
-            stall = self._saver.submit(f"{run.run_id}@{step}", tensors, write)
-        except BackgroundSaveError as err:
-            raise _as_raised(err) from None
-        finally:
-            self.record()
+        stall = self._through(lambda: self._saver.submit(f"{run.run_id}@{step}", tensors, write))
         stall += waited
         self._result.ckpt_s += stall
         self._result.background_stall_s += stall
@@ -126,14 +122,19 @@ class GroupSaves:
             _pending_end = step
         return stall
 
-    def _settle_in_flight(self) -> float:
-        t0 = time.perf_counter()
+    def _through(self, call: Callable[[], T]) -> T:
+        """A saver call on the training thread: a background failure is raised as the store
+        raised it, and every save finished meanwhile is recorded."""
         try:
-            self._saver.wait()
+            return call()
         except BackgroundSaveError as err:
             raise _as_raised(err) from None
         finally:
             self.record()
+
+    def _settle_in_flight(self) -> float:
+        t0 = time.perf_counter()
+        self._through(self._saver.wait)
         return time.perf_counter() - t0
 
     def record(self) -> None:
@@ -144,23 +145,11 @@ class GroupSaves:
 
     def poll(self) -> None:
         """Raise a background failure as soon as it is known; record finished saves."""
-        try:
-            self._saver.poll()
-        except BackgroundSaveError as err:
-            raise _as_raised(err) from None
-        finally:
-            self.record()
+        self._through(self._saver.poll)
 
     def wait(self) -> float:
         """Wait for the save in flight (stall); raise its failure."""
-        before = self._saver.stats.wait_s
-        try:
-            self._saver.wait()
-        except BackgroundSaveError as err:
-            raise _as_raised(err) from None
-        finally:
-            self.record()
-        waited = self._saver.stats.wait_s - before
+        waited = self._settle_in_flight()
         self._result.ckpt_s += waited
         return waited
 
