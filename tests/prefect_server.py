@@ -68,6 +68,10 @@ def _quiet() -> Iterator[None]:
         pass
 
 
+# Prefect's client retries these too (prefect.client.base).
+_RETRY_STATUSES = frozenset({408, 429, 502, 503})
+_RETRY_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0)
+
 @dataclass
 class PrefectServer:
     """A running server: where its API is, its home, and the processes started for it."""
@@ -134,8 +138,16 @@ class PrefectServer:
 
     def api(self, method: str, path: str, **kwargs: Any) -> Any:
         """One REST call to the server (`api("post", "/flow_runs/filter", json={...})`); the
-        decoded JSON. Raises httpx.HTTPStatusError on an error status."""
-        response = httpx.request(method, f"{self.api_url}{path}", timeout=60.0, **kwargs)
+        decoded JSON. Raises httpx.HTTPStatusError on an error status.
+
+        A status the server means as "try again" (a 503 for a locked SQLite under a burst of
+        flow-run writes, as CI saw) is retried with back-off, as Prefect's own client does; the
+        server rolled the request back, so a retried POST creates nothing twice."""
+        for backoff_s in (*_RETRY_BACKOFF_S, None):
+            response = httpx.request(method, f"{self.api_url}{path}", timeout=60.0, **kwargs)
+            if response.status_code not in _RETRY_STATUSES or backoff_s is None:
+                break
+            time.sleep(backoff_s)
         response.raise_for_status()
         return response.json() if response.content else None
 

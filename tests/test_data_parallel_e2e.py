@@ -185,9 +185,11 @@ def test_a_hung_rank_is_found_by_the_collective_timeout(dp_reference: dict[str, 
     assert rc == 0, err[-3000:]
     [failure] = summary["failures"]
     assert failure["kind"] == "hang"
-    # From its last sign of life to the survivors giving up: the collective timeout (plus the
-    # step it was in), not the 5-minute hang watchdog.
-    assert timeout_s - 1.0 <= failure["detected_after_s"] <= timeout_s + 2.0, failure
+    # From its last sign of life to the survivors giving up: at least the collective timeout,
+    # and far short of the 5-minute hang watchdog. The slack above the timeout is the step it
+    # was in plus scheduling on a loaded machine (CI measured 7.6 s for 5 s on 2 cores).
+    assert timeout_s - 1.0 <= failure["detected_after_s"] <= timeout_s + 25.0, failure
+    assert failure["reason"] == "hung"
     assert failure["restored_from"] == "peer"
     assert summary["state_hash"] == dp_reference["state_hash"]
 
