@@ -44,6 +44,11 @@ OPTION_HELP = {
     "async_save": "checkpoints stop training only for a snapshot of the state; hashing, "
                   "writing and the commit run in the background, one at a time (epoch ends and "
                   "the run's last checkpoint commit in line). Single rank only",
+    "incremental_saves": "a checkpoint chunk equal to the previous checkpoint's is linked "
+                         "(local disk) or copied server-side, not written again: frozen layers "
+                         "cost nothing. One file is shared by at most --keep minus 1 checkpoints "
+                         "(at least 2), so bit rot in one file always leaves a kept checkpoint "
+                         "whole",
     "workers": "data-parallel ranks training one model together, one Dask worker each "
                "(default 1); must divide the preset's batch. A run keeps its N: resuming with "
                "another is refused unless --reshard",
@@ -133,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=h["max_failures_per_worker"])
     p.add_argument("--lease-ttl", metavar="DUR", help=h["lease_ttl"])
     p.add_argument("--async-save", action="store_true", default=None, help=h["async_save"])
+    p.add_argument("--incremental-saves", action="store_true", default=None,
+                   help=h["incremental_saves"])
     p.add_argument("--retries", type=int, default=2, help=h["retries"])
     p.add_argument("--hang-timeout", default="5m", metavar="DUR", help=h["hang_timeout"])
     p.add_argument("--cluster-timeout", default="30s", metavar="DUR", help=h["cluster_timeout"])

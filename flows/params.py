@@ -57,6 +57,7 @@ class TrainParams(BaseModel):
     replica_policy: Literal["first", "vote"] = Field("first", description="first: the first replica group to finish a group wins; vote: replicas compare state hashes (silent data corruption).")
     vote_every: int | None = Field(None, ge=1, description="With --replica-policy vote: also vote every K steps inside a group (default: at checkpoints and group ends).")
     async_save: bool = Field(False, description="Checkpoints stop training only for a snapshot; hashing, writing and the commit run in the background (one save in flight; epoch ends and the run's last checkpoint commit in line).")
+    incremental_saves: bool = Field(False, description="A checkpoint chunk equal to the previous checkpoint's is hard-linked (local) or copied server-side, not written again: frozen layers cost nothing. One file is shared by at most keep - 1 checkpoints (at least 2), so bit rot in one file always leaves a kept checkpoint whole.")
     retries: int = Field(2, ge=0, le=20, description="Retries of a failed batch group.")
     hang_timeout: str = Field("5m", description="A batch group silent this long is hung: its worker is restarted.")
     cluster_timeout: str = Field("30s", description="Scheduler unreachable this long: the run fails (exit 1).")

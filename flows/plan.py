@@ -99,6 +99,7 @@ def build_plan(params: TrainParams, corpus: Corpus | None = None) -> RunPlan:
         device=params.device,
         keep_last=params.keep,
         async_save=params.async_save,
+        incremental_saves=params.incremental_saves,
     )
     stop_at = min(params.until or total, total)
     plan = RunPlan(run, total, group_steps, ckpt_every, auto, epoch_steps, stop_at,

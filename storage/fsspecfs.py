@@ -152,6 +152,10 @@ class FsspecBackend:
             return None
         return int(info["size"]) if info.get("type") == "file" else None
 
+    def sharers(self, path: str) -> int:
+        # An adopted object is a server-side copy: rot in one never reaches another.
+        return 1 if self.size(path) is not None else 0
+
     def list_files(self, path: str) -> list[str]:
         base = self.p(path).rstrip("/")
         found = self.fs.find(base)

@@ -285,6 +285,12 @@ class LocalBackend:
         except FileNotFoundError:
             return None
 
+    def sharers(self, path: str) -> int:
+        try:
+            return os.stat(self._p(path)).st_nlink
+        except FileNotFoundError:
+            return 0
+
     def list_files(self, path: str) -> list[str]:
         base = self._p(path)
         out = []

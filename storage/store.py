@@ -70,12 +70,20 @@ class StoreConfig:
     or copied server-side (fsspec) after its bytes are verified, not written again. Off by
     default: on a local store a linked file is one inode for both checkpoints, so bit rot in
     it corrupts both, and falling back past a corrupt checkpoint must then go further back."""
+    max_sharing: int = 3
+    """Incremental saves on a local store: a file already shared by this many names (hard
+    links: retained checkpoints, plus a dead writer's staging) is written anew instead of
+    linked once more, so one rotten file corrupts at most this many checkpoints in a row, and
+    keeping more than this many guarantees a fallback that does not contain it."""
 
     def __post_init__(self) -> None:
         if self.chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be >= 1, got {self.chunk_bytes}")
         if self.io_threads < 1:
             raise ValueError(f"io_threads must be >= 1, got {self.io_threads}")
+        if self.max_sharing < 2:
+            raise ValueError(f"max_sharing must be >= 2 (2: link into one more checkpoint), "
+                             f"got {self.max_sharing}")
 
 
 @dataclass
@@ -226,7 +234,9 @@ class CheckpointStore(ShardedSaves):
         except Exception as e:  # noqa: BLE001 - any damage: just write everything
             log.info("incremental save of %s@%s writes every chunk: %s", run_id, step, e)
             return {}
-        return previous_chunks(self._ckpt_dir(run_id), step_dirname(earlier[-1]), manifest)
+        chunks = previous_chunks(self._ckpt_dir(run_id), step_dirname(earlier[-1]), manifest)
+        cap = self.config.max_sharing
+        return {rel: c for rel, c in chunks.items() if 0 < self.backend.sharers(c[0]) < cap}
 
     def _published(
         self, run_id: str, step: int, staging: Staging | None, won: bool, manifest_hash: str,

@@ -181,7 +181,7 @@ def _save_and_prune(store: CheckpointStore, warm: WarmTrainer, result: GroupResu
 def run_group(job: GroupJob) -> GroupResult:
     """Train the group (first_step, last_step] and return a reference to its last checkpoint."""
     run = job.run
-    store = open_store(run.store_url)
+    store = open_store(run.store_url, **run.store_options())
     result = GroupResult(ref={}, step=job.first_step, worker=progress.worker_name())
     if run.async_save:
         # The previous group's end may still be committing on this worker: its wait is stall.

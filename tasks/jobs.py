@@ -28,9 +28,18 @@ class RunSpec:
     """Retention: the newest checkpoints kept (plus protected epoch ends)."""
     async_save: bool = False
     """Checkpoints inside a group are written in the background (tasks/background_saves.py)."""
+    incremental_saves: bool = False
+    """Chunks unchanged since the previous checkpoint are linked, not written
+    (StoreConfig.incremental)."""
     lease_epoch: int | None = None
     """The coordinator's lease epoch (`storage.lease`): every commit carries it and is refused
     once another coordinator took the run over or the lease expired; None = unfenced."""
+
+    def store_options(self) -> dict[str, Any]:
+        """StoreConfig options for the workers' saves. With incremental saves, one file is
+        shared by fewer checkpoints than are kept, so bit rot in one file always leaves a
+        retained checkpoint without it to fall back to."""
+        return {"incremental": self.incremental_saves, "max_sharing": max(2, self.keep_last - 1)}
 
 
 @dataclass(frozen=True)

@@ -447,7 +447,7 @@ def run_rank(job: RankJob) -> RankResult:
     """Train (first_step, last_step] as one rank of a data-parallel group."""
     g = job.group
     run = g.run
-    store = open_store(run.store_url)
+    store = open_store(run.store_url, **run.store_options())
     started_unix = time.time()
     result = RankResult(rank=job.rank, worker=progress.worker_name(), replica=job.replica)
     done = _committed_end(store, g) if job.recompute_to is None else None

@@ -118,3 +118,15 @@ def test_ckpt_every_auto_is_sized_by_the_measured_stall(reference: dict[str, Any
                                                 auto["step_s"], 10)
     print(auto)  # the interval picked, for the log
     assert "--ckpt-every auto: every" in done.stdout + done.stderr
+
+
+def test_incremental_background_saves_end_in_the_same_state(reference: dict[str, Any],
+                                                            tmp_path: Path, corpus: Path) -> None:
+    # Full training moves every array, so nothing is linked here (the store's tests show what
+    # is, with frozen layers); this shows the flag reaches the workers' saves and changes
+    # nothing of the math or of what verify sees.
+    done, s = _run(tmp_path / "store", corpus, "inc", "--incremental-saves")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert s["state_hash"] == reference["state_hash"]
+    assert committed_steps(tmp_path / "store", "inc") == list(range(5, STEPS + 1, 5))
+    assert _verify(tmp_path / "store", "inc").returncode == 0
