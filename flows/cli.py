@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import sys
-import threading
 import time
 from datetime import timedelta
 from typing import Any, NoReturn
@@ -173,9 +172,22 @@ def parse_params(argv: list[str] | None) -> tuple[Any, argparse.Namespace]:
         raise SystemExit(EXIT_USAGE) from None
 
 
-def main(argv: list[str] | None = None, server_port: int | None = None) -> int:
-    """Run the CLI; returns the exit status."""
-    started = time.time()
+def main(argv: list[str] | None = None, server_port: int | None = None,
+         started: float | None = None, server: Any = None) -> int:
+    """Run the CLI; returns the exit status. ``started``: when the command began (default:
+    now), so that the summary's start-up counts the imports before this call. ``server``: the
+    Prefect server on ``server_port``, already starting in the background
+    (flows.prefect_env.ServerInBackground; default: started here once the run may go ahead);
+    stopped before this returns."""
+    started = time.time() if started is None else started
+    from flows.prefect_env import ServerInBackground
+
+    server = server or ServerInBackground(server_port)
+    with server:
+        return _main(argv, server, started)
+
+
+def _main(argv: list[str] | None, server: Any, started: float) -> int:
     params, args = parse_params(argv)
     from flows.plan import ConfigurationError, build_plan, check_store
 
@@ -201,8 +213,10 @@ def main(argv: list[str] | None = None, server_port: int | None = None) -> int:
     from flows.lease_keeper import LeaseHeld, LeaseKeeper
     from storage import StoreError, open_store
 
-    # One coordinator at a time (DESIGN.md section 8): the lease is taken before any server or
-    # cluster starts, and a live one held by another coordinator is refused with nothing touched.
+    # One coordinator at a time (DESIGN.md section 8): the lease is taken before the cluster
+    # starts or the store is written, and a live one held by another coordinator is refused
+    # with nothing touched (the Prefect server, started early in case the run goes ahead,
+    # stops with the CLI).
     try:
         keeper = LeaseKeeper(open_store(params.store), plan.run.run_id,
                              timedelta(seconds=params.lease_ttl_s))
@@ -213,13 +227,13 @@ def main(argv: list[str] | None = None, server_port: int | None = None) -> int:
         sys.stderr.write(f"error: run {plan.run.run_id} failed: {err}\n")
         return EXIT_FAILED
     with keeper:  # released (expired now) on the way out, unless it was lost
-        return _run(params, plan, server_port, started, show_progress=not args.no_progress)
+        return _run(params, plan, server, started, show_progress=not args.no_progress)
 
 
-def _run(params: Any, plan: Any, server_port: int | None, started: float, show_progress: bool) -> int:
+def _run(params: Any, plan: Any, server: Any, started: float, show_progress: bool) -> int:
     from flows.cluster import cuda_available, local_cluster
     from flows.plan import ConfigurationError
-    from flows.prefect_env import local_prefect_server, rebound_home
+    from flows.prefect_env import rebound_home
     from flows.progress_view import ProgressView
     from flows.redundancy import local_cluster_size
     from flows.report import (
@@ -241,8 +255,7 @@ def _run(params: Any, plan: Any, server_port: int | None, started: float, show_p
     try:
         with contextlib.ExitStack() as stack:
             # The Prefect server and the cluster start side by side: both take seconds.
-            server_ready = stack.enter_context(
-                local_prefect_server_async(local_prefect_server, server_port))
+            server_ready = stack.enter_context(server)
             address = params.cluster
             if address is None:
                 cluster = stack.enter_context(
@@ -279,41 +292,3 @@ def _run(params: Any, plan: Any, server_port: int | None, started: float, show_p
     if params.summary_json:
         write_summary_json(summary, params.summary_json)
     return status
-
-
-class local_prefect_server_async:  # noqa: N801 - used as a context manager
-    """Start the Prefect server in a thread while the cluster starts; `ready()` waits for it.
-
-    The thread lives until exit: the server's parent-death signal fires when the *thread* that
-    started it ends (prctl semantics), so the starting thread must outlive the server.
-    """
-
-    def __init__(self, factory: Any, port: int | None) -> None:
-        self._cm = factory(port)
-        self._error: BaseException | None = None
-        self._up = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True, name="prefect-server")
-
-    def _serve(self) -> None:
-        try:
-            with self._cm:
-                self._up.set()
-                self._stop.wait()
-        except BaseException as err:  # noqa: BLE001 - re-raised in ready()
-            self._error = err
-        finally:
-            self._up.set()
-
-    def __enter__(self) -> Any:
-        self._thread.start()
-        return self.ready
-
-    def ready(self) -> None:
-        self._up.wait()
-        if self._error is not None:
-            raise self._error
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)

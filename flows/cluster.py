@@ -13,6 +13,7 @@ import dask
 from distributed import Client, LocalCluster
 
 from flows.versions import check_versions
+from flows.worker_forkserver import PRE_SPAWN_ENV
 from tasks.priority import BOOT_PRIORITY_ENV
 
 # A flow started by a Prefect worker (a deployment) never passes through the CLI's check.
@@ -44,9 +45,7 @@ DASK_SETTINGS = {
     # Dask's statistical profiler walks every worker thread's stack each 10 ms; on a training
     # step's Python-heavy parts that cost ~8% here. Rebound's progress events say enough.
     "distributed.worker.profile.enabled": False,
-    "distributed.nanny.pre-spawn-environ": {
-        "OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1,
-    },
+    "distributed.nanny.pre-spawn-environ": dict(PRE_SPAWN_ENV),
 }
 
 

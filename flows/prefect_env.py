@@ -11,9 +11,10 @@ import contextlib
 import os
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -84,22 +85,23 @@ def _die_with_parent() -> None:
 def _uvicorn_command(port: int) -> list[str]:
     """The command Prefect 3.9 runs for its own temporary server (SubprocessASGIServer), through
     public entry points only: uvicorn and the app factory `create_app`."""
+    import importlib.util
     import sys
 
-    import prefect
-
-    return [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
+    # Found without importing Prefect (2 s here): the server starts before the flow's imports.
+    spec = importlib.util.find_spec("prefect")
+    assert spec is not None and spec.origin is not None, "prefect is a dependency"
+    return [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.origin).parent.parent),
             "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
             "--port", str(port), "--log-level", "error", "--lifespan", "on"]
 
 
 def _server_env() -> dict[str, str]:
-    from prefect.settings import get_current_settings
-
-    # The same environment Prefect gives its temporary server (no UI, ephemeral services).
+    # The flags Prefect gives its temporary server (no UI, ephemeral services). Its other
+    # settings it reads as this process does: the same environment, PREFECT_HOME profile and
+    # working directory (prepare_environment set what Rebound chooses).
     return {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-            "PREFECT__SERVER_FINAL": "1",
-            **get_current_settings().to_environment_variables(exclude_unset=True)}
+            "PREFECT__SERVER_FINAL": "1"}
 
 
 def _wait_healthy(process: subprocess.Popen, port: int, timeout: timedelta) -> None:
@@ -141,3 +143,45 @@ def local_prefect_server(port: int | None) -> Iterator[None]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+class ServerInBackground:
+    """Start the Prefect server in a thread while the rest starts; `ready()` waits for it.
+
+    The thread lives until exit: the server's parent-death signal fires when the *thread* that
+    started it ends (prctl semantics), so the starting thread must outlive the server.
+    Entering it twice is entering it once (the CLI starts it before its imports, then holds it
+    for the run); leaving it stops the server.
+    """
+
+    def __init__(self, port: int | None) -> None:
+        self._cm = local_prefect_server(port)
+        self._error: BaseException | None = None
+        self._up = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="prefect-server")
+
+    def _serve(self) -> None:
+        try:
+            with self._cm:
+                self._up.set()
+                self._stop.wait()
+        except BaseException as err:  # noqa: BLE001 - re-raised in ready()
+            self._error = err
+        finally:
+            self._up.set()
+
+    def __enter__(self) -> Callable[[], None]:
+        if self._thread.ident is None:
+            self._thread.start()
+        return self.ready
+
+    def ready(self) -> None:
+        self._up.wait()
+        if self._error is not None:
+            raise self._error
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.ident is not None:
+            self._thread.join(timeout=30)

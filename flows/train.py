@@ -7,10 +7,24 @@ cluster, train epoch by epoch in supervised batch-group tasks, evaluate at epoch
 from __future__ import annotations
 
 if __name__ == "__main__":
+    import sys
+    import time
+
+    _STARTED = time.time()  # the imports below are start-up too: seconds of it
     # Prefect reads its settings from the environment when imported: set them first.
     from flows.prefect_env import prepare_environment
 
     _SERVER_PORT = prepare_environment()
+    from flows.cli import parse_params
+    from flows.prefect_env import ServerInBackground
+    from flows.worker_forkserver import start_worker_forkserver
+
+    _PARAMS, _ = parse_params(None)  # --help and bad usage end here, before anything starts
+    # Both take seconds of their own CPU: started now, they overlap the imports below.
+    _SERVER = ServerInBackground(_SERVER_PORT)
+    _SERVER.__enter__()  # left in flows.cli.main, on every way out
+    if _PARAMS.cluster is None:  # else the cluster's own workers train: none to start
+        start_worker_forkserver()
 
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
@@ -492,8 +506,6 @@ class RunFailed(RuntimeError):
 quiet_one_line_failures(RunFailed, InfrastructureError)
 
 if __name__ == "__main__":
-    import sys
-
     from flows.cli import main
 
-    sys.exit(main(server_port=_SERVER_PORT))
+    sys.exit(main(server_port=_SERVER_PORT, started=_STARTED, server=_SERVER))

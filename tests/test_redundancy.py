@@ -44,10 +44,12 @@ def cold_reference(prefect_api: str, workdir: Path, corpus: Path) -> dict[str, A
 
 
 def _worker_processes(cli_pid: int) -> set[int]:
-    """PIDs of the Dask worker processes the CLI's LocalCluster runs (its nannies live in the
-    CLI process and start each worker with multiprocessing's spawn)."""
-    return {p.pid for p in psutil.Process(cli_pid).children(recursive=True)
-            if "spawn_main" in " ".join(p.cmdline())}
+    """PIDs of the Dask worker processes the CLI's LocalCluster runs: its nannies live in the
+    CLI process and fork each worker from the CLI's forkserver (flows/worker_forkserver.py),
+    so they are that server's children (a fork keeps the server's command line)."""
+    servers = [p for p in psutil.Process(cli_pid).children()
+               if "forkserver" in " ".join(p.cmdline())]
+    return {worker.pid for server in servers for worker in server.children()}
 
 
 def _summary_artifact(run_id: str) -> str:

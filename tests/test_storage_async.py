@@ -55,6 +55,32 @@ def test_an_async_save_commits_the_state_at_submit_not_what_training_does_next(t
     assert background.verify("r", 3).ok
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_snapshot_of_cuda_tensors_lands_in_reused_pinned_buffers(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path), chunk_bytes=SMALL_CHUNK)
+    saver: AsyncSaver = AsyncSaver()
+    live = {k: v.cuda() for k, v in _torch_state(3).items()}
+    held: list[int] | None = None
+    try:
+        for step in range(1, 3):
+            for t in live.values():
+                t.add_(1)
+            want = {k: v.cpu() for k, v in live.items()}
+            saver.submit(f"r@{step}", live, lambda snap, s=step: store.save("r", s, snap, {}))
+            for t in live.values():  # training goes on on the GPU while the save runs
+                t.mul_(3)
+            saver.wait()
+            buffers = list(saver._buffers._held.values())
+            assert all(b.device.type == "cpu" and b.is_pinned() for b in buffers)
+            assert held is None or [id(b) for b in buffers] == held  # allocated once
+            held = [id(b) for b in buffers]
+            loaded = store.load("r", step).tensors
+            for name, tensor in want.items():
+                assert torch.equal(loaded[name], tensor), name
+    finally:
+        saver.close()
+
+
 def test_at_most_one_save_is_in_flight(tmp_path: Path) -> None:
     store = open_store(str(tmp_path), chunk_bytes=SMALL_CHUNK)
     saver: AsyncSaver = AsyncSaver()

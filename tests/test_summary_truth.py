@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from storage import open_store
@@ -84,6 +85,10 @@ def test_worker_killed_from_outside_detection_is_measured(prefect_api: str, work
             time.sleep(0.05)  # polling the store: the event is a directory appearing on disk
         running = max((doc for _, doc in open_store(str(store)).list_json("outside", "attempts")),
                       key=lambda d: d["started_unix"])
+        # Local workers fork from the CLI's forkserver (flows/worker_forkserver.py), which
+        # imported torch and Prefect once; the replacement forks from it too.
+        server = psutil.Process(running["pid"]).parent()
+        assert "forkserver" in " ".join(server.cmdline()) and server.ppid() == proc.pid
         killed_at = time.time()
         os.kill(running["pid"], signal.SIGKILL)  # the worker process, not by any chaos hook
         _, err = proc.communicate(timeout=240)
