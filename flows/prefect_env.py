@@ -66,8 +66,9 @@ def prepare_environment() -> int | None:
     return port
 
 
-def _die_with_parent() -> None:
-    """In the server's child process: SIGKILL it when the flow process dies, however it dies.
+def die_with_parent() -> None:
+    """In a child process (the Prefect server, the workers' forkserver): SIGKILL it when the
+    flow process dies, however it dies.
 
     A SIGKILLed coordinator runs no atexit handler, and an orphaned server would hold its port
     and database forever. Linux only (prctl); elsewhere the server outlives a killed parent.
@@ -132,7 +133,7 @@ def local_prefect_server(port: int | None) -> Iterator[None]:
     # Our own child process rather than a subclass of Prefect's private SubprocessASGIServer:
     # the parent-death signal needs preexec_fn, and a private hook can change in any release.
     process = subprocess.Popen(_uvicorn_command(port), env=_server_env(),
-                               preexec_fn=_die_with_parent)
+                               preexec_fn=die_with_parent)
     try:
         _wait_healthy(process, port, SERVER_STARTUP_TIMEOUT)
         yield

@@ -175,7 +175,8 @@ class Backend(Protocol):
     def sharers(self, path: str) -> int:
         """How many names share the bytes of the file at ``path`` (hard links on a local disk;
         1 where an adopted file is a copy), so incremental saves can cap what one rotten file
-        takes with it. 0 when the file is absent."""
+        takes with it. A local disk answers 0 for an absent file; a remote store answers 1
+        without asking (the verified read before any reuse finds it missing)."""
         ...
     def list_files(self, path: str) -> list[str]:
         """Every file under ``path``, at any depth, relative to it ('/'-separated)."""

@@ -153,8 +153,9 @@ class FsspecBackend:
         return int(info["size"]) if info.get("type") == "file" else None
 
     def sharers(self, path: str) -> int:
-        # An adopted object is a server-side copy: rot in one never reaches another.
-        return 1 if self.size(path) is not None else 0
+        # An adopted object is a server-side copy: rot in one never reaches another. Answered
+        # without a request per chunk: a missing object fails the verified read before a copy.
+        return 1
 
     def list_files(self, path: str) -> list[str]:
         base = self.p(path).rstrip("/")
