@@ -19,7 +19,8 @@ Inside chunks_s, summed over the I/O threads (they overlap, so this can exceed c
   doc_thread_s    seconds writing Zarr documents
 Counts (os calls made during the save, every thread): files_created (open with O_CREAT),
 dirs_created (mkdir), fsyncs, syncfs, writeback_starts (sync_file_range after each file in
-syncfs mode), renames, links, write_calls; and chunks, arrays, bytes.
+syncfs mode), renames, links, write_calls; and chunks, tensors, arrays (small tensors are packed
+into one array per dtype), bytes.
 Reference costs of the same bytes, measured alone on one thread right after the save:
   alone_to_bytes_s        storage.tensors.host_bytes of every tensor (first touch, copies)
   alone_chunk_hash_s      xxh3-128 of every chunk's bytes
@@ -246,7 +247,8 @@ def profile_save(store: Any, run_id: str, step: int, state: Mapping[str, torch.T
         "total_s": total, **phases,
         "chunk_thread_s": timeline.chunk_thread_s, "doc_thread_s": timeline.doc_thread_s,
         **counter.counts,
-        "chunks": stats.chunks_written + stats.chunks_reused, "arrays": len(state),
+        "chunks": stats.chunks_written + stats.chunks_reused, "tensors": len(state),
+        "arrays": len(store.read_manifest(run_id, step)[0].arrays),  # small tensors are packed
         "bytes": nbytes, "durability": stats.durability,
     }
     out.update(_alone(state, store.config.chunk_bytes, scratch))
@@ -264,7 +266,8 @@ def phase_rows(p: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def counts_line(p: dict[str, Any]) -> str:
-    return (f"{p['bytes'] / 2**20:.1f} MiB in {p['arrays']} arrays, {p['chunks']} chunks, durability "
+    return (f"{p['bytes'] / 2**20:.1f} MiB in {p['tensors']} tensors, {p['arrays']} arrays, {p['chunks']} chunks, "
+            "durability "
             f"{p['durability']}: " + ", ".join(f"{k} {p[k]}" for k in COUNTS))
 
 

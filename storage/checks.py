@@ -18,11 +18,14 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
+
 from storage.backend import Backend
 from storage.errors import CorruptCheckpointError, classify_os_error
 from storage.hashing import StateHasher, bytes_hash
 from storage.layout import ZARR_JSON
-from storage.manifest import MANIFEST, MARKER, Manifest
+from storage.manifest import MANIFEST, MARKER, ArrayEntry, Manifest
+from storage.packing import Member, pack_buffer
 from storage.reader import VerifyReport, open_manifest, read_chunk, read_small
 from storage.refs import CheckpointRef
 
@@ -115,19 +118,37 @@ def scan(backend: Backend, run_id: str, step: int, step_dir: str, io_threads: in
         report.problems.append(e)
         return report
     report.ref = st.ref
-    state = StateHasher()
-    for entry in sorted(st.manifest.arrays, key=lambda a: a.layout.name):
-        lay = entry.layout
-        state.begin(lay.name, lay.dtype.name, lay.shape)
-        for i, spec in enumerate(lay.chunks):
-            if (lay.name, spec.key) in st.bad_chunks:
+
+    def check(entry: ArrayEntry, dest: np.ndarray | None, hashers: list) -> None:
+        for i, spec in enumerate(entry.layout.chunks):
+            if (entry.layout.name, spec.key) in st.bad_chunks:
                 continue  # already reported: missing or the wrong size
+            view = None if dest is None else memoryview(dest)[spec.start : spec.start + spec.data_nbytes]
             try:
-                read_chunk(backend, run_id, step, step_dir, entry, i, None, True, [state])
+                read_chunk(backend, run_id, step, step_dir, entry, i, view, True, hashers)
             except CorruptCheckpointError as e:
                 report.problems.append(e)
             report.chunks_checked += 1
             report.bytes_checked += spec.nbytes
+
+    # Packs are read first, whole (they hold only small tensors): the state hash takes every
+    # tensor in name order, and packed ones sit between the others.
+    packed: dict[str, tuple[ArrayEntry, np.ndarray, Member]] = {}
+    for entry in st.manifest.arrays:
+        if entry.members:
+            buffer = pack_buffer(entry.layout)
+            check(entry, buffer, [])
+            packed.update((m.name, (entry, buffer, m)) for m in entry.members)
+    arrays = st.manifest.by_name()
+    state = StateHasher()
+    for name, dtype, shape in st.manifest.tensors():
+        state.begin(name, dtype, shape)
+        if name in packed:
+            entry, buffer, m = packed[name]
+            size = entry.layout.dtype.itemsize
+            state.update(memoryview(buffer)[m.offset * size : (m.offset + m.numel) * size])
+        else:
+            check(arrays[name], None, [state])
     report.problems += st.problems
     report.ok = not report.problems
     if report.ok:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Any
@@ -133,11 +134,16 @@ def cmd_inspect(args: argparse.Namespace, store: CheckpointStore) -> tuple[int, 
     step = _resolve_step(store, args.run, args.step)
     manifest, ref = store.read_manifest(args.run, step)
     report = store.verify(args.run, step)
-    arrays = [
-        {"name": a.layout.name, "dtype": a.layout.dtype.name, "shape": list(a.layout.shape),
-         "chunks": len(a.layout.chunks), "bytes": a.layout.data_nbytes}
-        for a in manifest.arrays
-    ]
+    # One row per tensor: a packed one names its pack (storage.packing) in "array".
+    stored = manifest.by_name()
+    arrays = []
+    for name, dtype, shape in manifest.tensors():
+        lay = stored[manifest.array_of(name)].layout
+        arrays.append({
+            "name": name, "dtype": dtype, "shape": list(shape), "array": lay.name,
+            "chunks": len(lay.chunks) if lay.name == name else 0,
+            "bytes": math.prod(shape) * lay.dtype.itemsize,
+        })
     doc = {
         "run_id": args.run, "step": step, "manifest_hash": ref.manifest_hash,
         "state_hash": report.state_hash, "verified": report.ok, "bytes": manifest.nbytes,
@@ -149,12 +155,17 @@ def cmd_inspect(args: argparse.Namespace, store: CheckpointStore) -> tuple[int, 
         f"state_hash     {report.state_hash or '(unavailable: checkpoint is corrupt)'}",
         f"manifest_hash  {ref.manifest_hash}",
         f"verified       {'yes' if report.ok else 'NO'}",
-        f"size           {_human_bytes(manifest.nbytes)} in {len(arrays)} arrays",
+        f"size           {_human_bytes(manifest.nbytes)} in {len(arrays)} tensors, "
+        f"{len(manifest.arrays)} arrays",
         "metadata       " + json.dumps(manifest.metadata, sort_keys=True),
     ]
     lines += [f"  - {p}" for p in report.problems]
     if args.arrays:
-        lines += [f"  {a['name']}  {a['dtype']}{a['shape']}  {_human_bytes(a['bytes'])}" for a in arrays]
+        lines += [
+            f"  {a['name']}  {a['dtype']}{a['shape']}  {_human_bytes(a['bytes'])}"
+            + ("" if a["array"] == a["name"] else f"  (in {a['array']})")
+            for a in arrays
+        ]
     return (EXIT_OK if report.ok else EXIT_CORRUPT), doc, lines
 
 

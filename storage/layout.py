@@ -88,8 +88,12 @@ def _dumps(doc: dict) -> bytes:
     return json.dumps(doc, indent=2, allow_nan=False).encode()
 
 
-def array_zarr_json(layout: ArrayLayout) -> bytes:
-    """The array's ``zarr.json``, as zarr-python 3 writes it for ``compressors=None``."""
+def array_zarr_json(layout: ArrayLayout, packed: list[dict] | None = None) -> bytes:
+    """The array's ``zarr.json``, as zarr-python 3 writes it for ``compressors=None``;
+    ``packed``: the member list of a pack of small tensors (storage.packing)."""
+    attributes: dict = {"dtype": layout.dtype.name}
+    if packed:
+        attributes["packed"] = packed
     bytes_codec: dict = {"name": "bytes"}
     if layout.dtype.itemsize > 1:
         bytes_codec["configuration"] = {"endian": "little"}
@@ -102,7 +106,7 @@ def array_zarr_json(layout: ArrayLayout) -> bytes:
             "fill_value": layout.dtype.fill_value,
             "codecs": [bytes_codec],
             # The true dtype: readers of a uint16 array tagged "bfloat16" view the bits as bf16.
-            "attributes": {"dtype": layout.dtype.name},
+            "attributes": attributes,
             "zarr_format": 3,
             "node_type": "array",
             "storage_transformers": [],

@@ -18,9 +18,13 @@ from storage.errors import CorruptCheckpointError
 from storage.hashing import bytes_hash
 from storage.layout import ZARR_JSON, ArrayLayout, chunk_specs, subgroups
 from storage.names import check_tree, validate_array_name
+from storage.packing import Member, encode_members, is_pack_name, tensor_specs, validate_members
 
 FORMAT = "rebound.checkpoint"
-FORMAT_VERSION = 1
+# 2: small tensors may be packed (an array entry with "packed" members). A checkpoint without
+# packs is still written as 1, so readers that predate packing read it unchanged.
+FORMAT_VERSION = 2
+FORMAT_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 MARKER = "COMMITTED"
 _HEX128 = re.compile(r"^[0-9a-f]{32}$")
@@ -30,10 +34,12 @@ MAX_CHUNK_BYTES = 1 << 40
 
 @dataclass
 class ArrayEntry:
-    """An array in the manifest: its layout and the hash of each chunk (same order)."""
+    """An array in the manifest: its layout, the hash of each chunk (same order) and, for a
+    pack of small tensors, the tensors it holds."""
 
     layout: ArrayLayout
     hashes: list[str]
+    members: tuple[Member, ...] = ()
 
 
 @dataclass
@@ -57,6 +63,19 @@ class Manifest:
         """Arrays keyed by name."""
         return {a.layout.name: a for a in self.arrays}
 
+    def tensors(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, dtype, shape) of every tensor, packed ones included, sorted by name."""
+        return tensor_specs(
+            [a.layout for a in self.arrays], {a.layout.name: a.members for a in self.arrays}
+        )
+
+    def array_of(self, tensor: str) -> str:
+        """The array holding a tensor (itself, or the pack it is in)."""
+        for a in self.arrays:
+            if any(m.name == tensor for m in a.members):
+                return a.layout.name
+        return tensor
+
 
 def expected_documents(names: list[str]) -> list[str]:
     """Paths of every zarr.json a checkpoint holding these arrays has."""
@@ -70,22 +89,23 @@ def encode_manifest(m: Manifest) -> bytes:
     arrays = []
     for a in sorted(m.arrays, key=lambda a: a.layout.name):
         lay = a.layout
-        arrays.append(
-            {
-                "name": lay.name,
-                "shape": list(lay.shape),
-                "dtype": lay.dtype.name,
-                "stored_dtype": lay.dtype.stored,
-                "chunk_shape": list(lay.chunk_shape),
-                "chunks": [
-                    {"key": c.key, "nbytes": c.nbytes, "xxh3_128": h}
-                    for c, h in zip(lay.chunks, a.hashes, strict=True)
-                ],
-            }
-        )
+        entry = {
+            "name": lay.name,
+            "shape": list(lay.shape),
+            "dtype": lay.dtype.name,
+            "stored_dtype": lay.dtype.stored,
+            "chunk_shape": list(lay.chunk_shape),
+            "chunks": [
+                {"key": c.key, "nbytes": c.nbytes, "xxh3_128": h}
+                for c, h in zip(lay.chunks, a.hashes, strict=True)
+            ],
+        }
+        if a.members:
+            entry["packed"] = encode_members(a.members)
+        arrays.append(entry)
     doc = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if any(a.members for a in m.arrays) else 1,
         "run_id": m.run_id,
         "step": m.step,
         "created_unix": m.created_unix or time.time(),
@@ -114,7 +134,7 @@ def _chunk_count(shape: list[int], cshape: list[int]) -> int:
     return -(-shape[0] // cshape[0])
 
 
-def _decode_array(a: object, run_id: str, step: int) -> ArrayEntry:
+def _decode_array(a: object, run_id: str, step: int, version: int) -> ArrayEntry:
     if not isinstance(a, dict) or not isinstance(a.get("name"), str):
         raise _fail(run_id, step, "manifest array entry without a name")
     name = a["name"]
@@ -148,7 +168,15 @@ def _decode_array(a: object, run_id: str, step: int) -> ArrayEntry:
             raise _fail(run_id, step, f"bad hash for chunk {spec.key}", name)
         hashes.append(h)
     layout = ArrayLayout(name, dt, tuple(shape), tuple(cshape), specs)
-    return ArrayEntry(layout, hashes)
+    members: tuple[Member, ...] = ()
+    if "packed" in a or is_pack_name(name):
+        try:
+            if version < 2:
+                raise ValueError(f"packed tensors in a format_version {version} manifest")
+            members = validate_members(layout, a.get("packed"))
+        except ValueError as e:
+            raise _fail(run_id, step, f"bad pack: {e}", name) from None
+    return ArrayEntry(layout, hashes, members)
 
 
 def decode_manifest(data: bytes, run_id: str, step: int) -> Manifest:
@@ -159,18 +187,21 @@ def decode_manifest(data: bytes, run_id: str, step: int) -> Manifest:
         raise _fail(run_id, step, f"manifest is not valid JSON: {e}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise _fail(run_id, step, "manifest has no rebound format tag")
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise _fail(run_id, step, f"unsupported format_version {doc.get('format_version')!r}")
+    version = doc.get("format_version")
+    if version not in FORMAT_VERSIONS or isinstance(version, bool):
+        raise _fail(run_id, step, f"unsupported format_version {version!r}")
     if doc.get("step") != step:
         raise _fail(run_id, step, f"manifest is for step {doc.get('step')!r}")
     if not isinstance(doc.get("metadata"), dict) or not isinstance(doc.get("arrays"), list):
         raise _fail(run_id, step, "manifest lacks metadata or arrays")
-    arrays = [_decode_array(a, run_id, step) for a in doc["arrays"]]
+    arrays = [_decode_array(a, run_id, step, version) for a in doc["arrays"]]
     names = [a.layout.name for a in arrays]
-    if len(set(names)) != len(names):
+    tensors = [m.name for a in arrays for m in a.members] + [n for n in names if not is_pack_name(n)]
+    if len(set(names)) != len(names) or len(set(tensors)) != len(tensors):
         raise _fail(run_id, step, "duplicate array names in manifest")
     try:
         check_tree(names)
+        check_tree(tensors)
     except ValueError as e:
         raise _fail(run_id, step, str(e)) from None
     documents = doc.get("documents")

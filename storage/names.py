@@ -53,6 +53,16 @@ def validate_array_name(name: str) -> str:
     return name
 
 
+def validate_tensor_name(name: str) -> str:
+    """A tensor's name as a caller gives it: a safe array name outside the packs' group."""
+    validate_array_name(name)
+    from storage.packing import PACK_GROUP
+
+    if name.split("/")[0] == PACK_GROUP:
+        raise ValueError(f"tensor name {name!r}: {PACK_GROUP!r} is reserved for packed small tensors")
+    return name
+
+
 def validate_run_id(run_id: str) -> str:
     """A run id is one path segment that is not hidden (dot-folders are ours)."""
     if not isinstance(run_id, str) or "/" in run_id:

@@ -133,11 +133,15 @@ def load_tensors(
     pin = str(device).startswith("cuda") and torch.cuda.is_available()
     run_id, step = manifest.run_id, manifest.step
     host: dict[str, Any] = {}
+    packs: list[tuple[ArrayEntry, Any]] = []
     jobs = []
     for entry in manifest.arrays:
         lay = entry.layout
         t, view = empty_tensor(lay.dtype.name, lay.shape, pin=pin)
-        host[lay.name] = t
+        if entry.members:
+            packs.append((entry, t))
+        else:
+            host[lay.name] = t
         for i, spec in enumerate(lay.chunks):
             jobs.append((entry, i, view[spec.start : spec.start + spec.data_nbytes]))
     with ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="ckpt-read") as pool:
@@ -152,6 +156,11 @@ def load_tensors(
             for f in futs:
                 f.cancel()
             raise
+    for entry, pack in packs:
+        # Each tensor gets memory of its own: a view into the pack would keep the whole pack
+        # alive and be saved whole by torch.save.
+        for m in entry.members:
+            host[m.name] = pack[m.offset : m.offset + m.numel].reshape(m.shape).clone()
     if str(device) == "cpu":
         return host
     out = {k: t.to(device, non_blocking=pin) for k, t in host.items()}

@@ -16,12 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from storage import faults, lease
-from storage.dtypes import lookup
 from storage.errors import classify_os_error
 from storage.hashing import bytes_hash
-from storage.layout import ZARR_JSON, group_zarr_json, plan_array, subgroups
+from storage.layout import ZARR_JSON, group_zarr_json, subgroups
 from storage.manifest import MANIFEST, MARKER, Manifest, encode_manifest, encode_marker
 from storage.names import step_dirname
+from storage.packing import plan_checkpoint
 from storage.refs import CheckpointRef
 from storage.shards import (
     ShareReceipt,
@@ -60,7 +60,7 @@ class ShardedSaves:
     def plan_shards(self, tensors: Mapping[str, Any], world_size: int) -> list[list[str]]:
         """Which checkpoint files each rank writes (chunk files and array zarr.json documents,
         balanced by bytes); the same on every rank for the same names, dtypes and shapes."""
-        return plan_shards(tensors, world_size, self.config.chunk_bytes)
+        return plan_shards(tensors, world_size, self.config.chunk_bytes, self.config.pack_bytes)
 
     def write_share(
         self, run_id: str, step: int, tensors: Mapping[str, Any], *, session: str, rank: int,
@@ -86,9 +86,9 @@ class ShardedSaves:
         area_name = share_area(step_name, session)
         check_inputs(tensors, {})
         specs = array_specs(tensors)
-        chunk_bytes = self.config.chunk_bytes
-        plan = plan_from_specs(specs, world_size, chunk_bytes)
-        layouts = [plan_array(n, lookup(d), s, chunk_bytes) for n, d, s in specs]
+        chunk_bytes, pack_bytes = self.config.chunk_bytes, self.config.pack_bytes
+        plan = plan_from_specs(specs, world_size, chunk_bytes, pack_bytes)
+        layout_plan = plan_checkpoint(specs, chunk_bytes, pack_bytes)
         stats = SaveStats(durability=self.backend.durability())
         try:
             staging = self.backend.join_staging(ckpt_dir, area_name)
@@ -100,7 +100,7 @@ class ShardedSaves:
                 if n.startswith(staging_prefix(step_name)) and n != area_name
             ]
             files, digest = write_share_files(
-                self.backend, staging, f"{ckpt_dir}/{area_name}", others, tensors, layouts,
+                self.backend, staging, f"{ckpt_dir}/{area_name}", others, tensors, layout_plan,
                 set(plan[rank]), stats, self.config.io_threads, state_hash,
                 self.previous_chunks(run_id, step),
             )
@@ -112,7 +112,7 @@ class ShardedSaves:
             staging.abandon()  # the files stay for the committer (or the next attempt)
         return ShareReceipt(
             run_id=run_id, step=step, session=session, rank=rank, world_size=world_size,
-            chunk_bytes=chunk_bytes, arrays=tuple(specs), files=tuple(sorted(files.items())),
+            chunk_bytes=chunk_bytes, pack_bytes=pack_bytes, arrays=tuple(specs), files=tuple(sorted(files.items())),
             state_hash=digest, bytes_written=stats.bytes_written, bytes_reused=stats.bytes_reused,
             chunks_written=stats.chunks_written, chunks_reused=stats.chunks_reused,
             files_written=stats.files_written, seconds=time.perf_counter() - t0,

@@ -30,11 +30,18 @@ from typing import Any
 import numpy as np
 
 from storage.backend import Backend, Staging
-from storage.dtypes import lookup
-from storage.hashing import StateHasher, bytes_hash
-from storage.layout import ZARR_JSON, ArrayLayout, array_zarr_json, plan_array
+from storage.hashing import bytes_hash
+from storage.layout import ZARR_JSON, array_zarr_json
 from storage.manifest import ArrayEntry
-from storage.names import check_tree, validate_array_name
+from storage.names import check_tree, validate_tensor_name
+from storage.packing import (
+    ArraySpec,
+    CheckpointPlan,
+    build_pack,
+    check_pack_bytes,
+    encode_members,
+    plan_checkpoint,
+)
 from storage.writer import STAGING_PREFIX, SaveStats, _Counter, _put_chunk, _Reuse
 
 # What creating (and syncing) one more file costs, in bytes of writing: ~1 ms per file at
@@ -44,7 +51,6 @@ RECEIPT_FORMAT = "rebound.share-receipt"
 _SESSION_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,63}$")
 _HEX128 = re.compile(r"^[0-9a-f]{32}$")
 
-ArraySpec = tuple[str, str, tuple[int, ...]]  # name, dtype, shape
 
 
 class ShareError(ValueError):
@@ -81,16 +87,14 @@ def array_specs(tensors: Mapping[str, Any]) -> list[ArraySpec]:
     return out
 
 
-def _layouts(specs: Sequence[ArraySpec], chunk_bytes: int) -> list[ArrayLayout]:
-    return [plan_array(name, lookup(dtype), shape, chunk_bytes) for name, dtype, shape in specs]
-
-
-def plan_from_specs(specs: Sequence[ArraySpec], world_size: int, chunk_bytes: int) -> list[list[str]]:
+def plan_from_specs(
+    specs: Sequence[ArraySpec], world_size: int, chunk_bytes: int, pack_bytes: int = 0,
+) -> list[list[str]]:
     """The files (paths relative to the checkpoint folder) each rank writes; see the module doc."""
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
     units: list[tuple[int, str]] = []
-    for lay in _layouts(specs, chunk_bytes):
+    for lay in plan_checkpoint(specs, chunk_bytes, pack_bytes).layouts:
         units.append((FILE_COST_BYTES, f"{lay.name}/{ZARR_JSON}"))
         units += [(c.nbytes + FILE_COST_BYTES, f"{lay.name}/{c.key}") for c in lay.chunks]
     units.sort(key=lambda u: (-u[0], u[1]))
@@ -103,13 +107,15 @@ def plan_from_specs(specs: Sequence[ArraySpec], world_size: int, chunk_bytes: in
     return [sorted(s) for s in shares]
 
 
-def plan_shards(tensors: Mapping[str, Any], world_size: int, chunk_bytes: int = 64 << 20) -> list[list[str]]:
+def plan_shards(
+    tensors: Mapping[str, Any], world_size: int, chunk_bytes: int = 64 << 20, pack_bytes: int = 0,
+) -> list[list[str]]:
     """Which files of the checkpoint each of ``world_size`` ranks writes, balanced by bytes.
 
-    Deterministic: the same names, dtypes, shapes and ``chunk_bytes`` give the same plan on
-    every rank. Use ``CheckpointStore.plan_shards`` to get the store's own chunk size.
+    Deterministic: the same names, dtypes, shapes, ``chunk_bytes`` and ``pack_bytes`` give the
+    same plan on every rank. Use ``CheckpointStore.plan_shards`` to get the store's own sizes.
     """
-    return plan_from_specs(array_specs(tensors), world_size, chunk_bytes)
+    return plan_from_specs(array_specs(tensors), world_size, chunk_bytes, pack_bytes)
 
 
 @dataclass(frozen=True)
@@ -120,8 +126,8 @@ class ShareReceipt:
         run_id, step, session: the checkpoint and the attempt the share belongs to.
         rank, world_size: whose share, out of how many.
         chunk_bytes: the chunk size the plan and layouts were made with.
-        arrays: (name, dtype, shape) of every array of the checkpoint, sorted: the committer
-            rebuilds the plan and every layout (chunking) from it.
+        arrays: (name, dtype, shape) of every tensor of the checkpoint, sorted: the committer
+            rebuilds the plan and every layout (chunking, packs) from it.
         files: (path in the checkpoint, xxh3-128 of its bytes) of every file of this share.
         state_hash: the state_hash of the whole state as this rank holds it.
         bytes_written, bytes_reused, chunks_written, chunks_reused, files_written: the share's
@@ -147,6 +153,7 @@ class ShareReceipt:
     files_written: int = 0
     seconds: float = 0.0
     written_unix: float = 0.0
+    pack_bytes: int = 0
 
     def to_json(self) -> str:
         """One JSON object (no pickle): send it to the committing rank however ranks talk."""
@@ -169,7 +176,7 @@ class ShareReceipt:
             files = tuple((str(p), str(h)) for p, h in doc.pop("files"))
             receipt = cls(arrays=arrays, files=files, **doc)
             for name in ("step", "rank", "world_size", "chunk_bytes", "bytes_written", "bytes_reused",
-                         "chunks_written", "chunks_reused", "files_written"):
+                         "chunks_written", "chunks_reused", "files_written", "pack_bytes"):
                 _nat(getattr(receipt, name))
             if not all(isinstance(getattr(receipt, k), str) for k in ("run_id", "session", "state_hash")):
                 raise ValueError("run_id, session and state_hash must be strings")
@@ -194,7 +201,7 @@ def write_share_files(
     area: str,
     others: list[str],
     tensors: Mapping[str, Any],
-    layouts: list[ArrayLayout],
+    plan: CheckpointPlan,
     mine: set[str],
     stats: SaveStats,
     io_threads: int,
@@ -208,11 +215,11 @@ def write_share_files(
     and a chunk unchanged since the previous checkpoint (``previous``) is linked from there.
     Tensors whose files are all elsewhere are not read at all when ``known_state_hash`` is given.
     """
-    from storage.tensors import host_bytes
+    from storage.hashing import state_hash
+    from storage.tensors import HostBytes, host_bytes
 
     reuse = _Reuse(backend, [area, *others], previous)
     counter = _Counter(stats)
-    state = StateHasher() if known_state_hash is None else None
     futures: dict[str, Future[str]] = {}
 
     def put_doc(rel: str, data: bytes) -> str:
@@ -222,14 +229,19 @@ def write_share_files(
 
     with ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="share-write") as pool:
         try:
-            for lay in layouts:
+            for lay in plan.layouts:
+                members = plan.members.get(lay.name, ())
                 doc = f"{lay.name}/{ZARR_JSON}"
                 if doc in mine:
-                    futures[doc] = pool.submit(put_doc, doc, array_zarr_json(lay))
+                    futures[doc] = pool.submit(put_doc, doc, array_zarr_json(lay, encode_members(members)))
                 my_chunks = [c for c in lay.chunks if f"{lay.name}/{c.key}" in mine]
-                if not my_chunks and state is None:
+                if not my_chunks:
                     continue
-                hb = host_bytes(tensors[lay.name])
+                if members:
+                    pack = build_pack(lay, members, tensors)
+                    hb = HostBytes(lay.dtype.name, lay.shape, memoryview(pack), pack, True)
+                else:
+                    hb = host_bytes(tensors[lay.name])
                 batch = []
                 for c in my_chunks:
                     rel = f"{lay.name}/{c.key}"
@@ -238,9 +250,6 @@ def write_share_files(
                         _put_chunk, staging, reuse, counter, rel, data, c.nbytes - c.data_nbytes
                     )
                     batch.append(futures[rel])
-                if state is not None:
-                    state.begin(lay.name, hb.dtype, hb.shape)
-                    state.update(hb.data)
                 if hb.copied:  # bound extra memory: one temporary copy in flight at a time
                     wait(batch)
                 del hb
@@ -249,7 +258,9 @@ def write_share_files(
             for f in futures.values():
                 f.cancel()
             raise
-    return hashes, known_state_hash if state is None else state.hexdigest()
+    # A second pass over the tensors only when the caller has no state_hash yet: it needs every
+    # tensor in name order, packed ones among them.
+    return hashes, known_state_hash if known_state_hash is not None else state_hash(tensors)
 
 
 @dataclass
@@ -284,7 +295,9 @@ def assemble(receipts: Sequence[ShareReceipt], run_id: str, step: int, session: 
     first = receipts[0]
     world = first.world_size
     for r in receipts[1:]:
-        if (r.world_size, r.chunk_bytes, r.arrays) != (world, first.chunk_bytes, first.arrays):
+        if (r.world_size, r.chunk_bytes, r.pack_bytes, r.arrays) != (
+            world, first.chunk_bytes, first.pack_bytes, first.arrays
+        ):
             raise ShareError(
                 f"ranks {first.rank} and {r.rank} planned different checkpoints (world size, chunk "
                 f"size or arrays differ) for {where}: nothing committed"
@@ -311,14 +324,14 @@ def assemble(receipts: Sequence[ShareReceipt], run_id: str, step: int, session: 
 
     specs = list(first.arrays)
     try:
-        names = [validate_array_name(n) for n, _, _ in specs]
+        names = [validate_tensor_name(n) for n, _, _ in specs]
         check_tree(names)
         if names != sorted(set(names)):
             raise ValueError("array names are not sorted and unique")
-        layouts = _layouts(specs, first.chunk_bytes)
+        layout_plan = plan_checkpoint(specs, first.chunk_bytes, check_pack_bytes(first.pack_bytes))
     except (ValueError, TypeError) as e:
         raise ShareError(f"receipts for {where} list bad arrays: {e}") from None
-    plan = plan_from_specs(specs, world, first.chunk_bytes)
+    plan = plan_from_specs(specs, world, first.chunk_bytes, first.pack_bytes)
     hashes: dict[str, str] = {}
     for r in receipts:
         got = dict(r.files)
@@ -335,13 +348,14 @@ def assemble(receipts: Sequence[ShareReceipt], run_id: str, step: int, session: 
         raise ShareError(f"bad hash for {bad[0]} in the receipts for {where}: nothing committed")
 
     entries, docs, sizes = [], {}, {}
-    for lay in layouts:
+    for lay in layout_plan.layouts:
+        members = layout_plan.members.get(lay.name, ())
         doc = f"{lay.name}/{ZARR_JSON}"
-        body = array_zarr_json(lay)
+        body = array_zarr_json(lay, encode_members(members))
         if hashes[doc] != bytes_hash(body):  # it is fully determined by the layout: check it
             raise ShareError(f"{doc} in the receipts for {where} is not its layout's document")
         docs[doc], sizes[doc] = hashes[doc], len(body)
-        entries.append(ArrayEntry(lay, [hashes[f"{lay.name}/{c.key}"] for c in lay.chunks]))
+        entries.append(ArrayEntry(lay, [hashes[f"{lay.name}/{c.key}"] for c in lay.chunks], members))
         sizes.update({f"{lay.name}/{c.key}": c.nbytes for c in lay.chunks})
     return Assembled(entries, docs, first.state_hash, sizes, max(r.written_unix for r in receipts))
 

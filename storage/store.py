@@ -32,6 +32,7 @@ from storage.errors import (
 from storage.export import ExportFormat, write_export
 from storage.manifest import MARKER, Manifest
 from storage.names import parse_step_dirname, step_dirname, validate_doc_name, validate_run_id
+from storage.packing import DEFAULT_PACK_BYTES, check_pack_bytes
 from storage.reader import VerifyReport, load_tensors, open_manifest
 from storage.refs import CheckpointRef
 from storage.retention import steps_to_delete
@@ -70,6 +71,9 @@ class StoreConfig:
     or copied server-side (fsspec) after its bytes are verified, not written again. Off by
     default: on a local store a linked file is one inode for both checkpoints, so bit rot in
     it corrupts both, and falling back past a corrupt checkpoint must then go further back."""
+    pack_bytes: int = DEFAULT_PACK_BYTES
+    """Tensors smaller than this are packed, one array per dtype, instead of an array each
+    (storage.packing: a file and two folders fewer per tensor); 0 stores every tensor alone."""
     max_sharing: int = 3
     """Incremental saves on a local store: a file already shared by this many names (hard
     links: retained checkpoints, plus a dead writer's staging) is written anew instead of
@@ -81,6 +85,7 @@ class StoreConfig:
             raise ValueError(f"chunk_bytes must be >= 1, got {self.chunk_bytes}")
         if self.io_threads < 1:
             raise ValueError(f"io_threads must be >= 1, got {self.io_threads}")
+        check_pack_bytes(self.pack_bytes)
         if self.max_sharing < 2:
             raise ValueError(f"max_sharing must be >= 2 (2: link into one more checkpoint), "
                              f"got {self.max_sharing}")
@@ -202,7 +207,7 @@ class CheckpointStore(ShardedSaves):
             staged = write_staging(
                 self.backend, staging, run_id, step, ckpt_dir, step_name, tensors, metadata,
                 self.config.chunk_bytes, stats, self.config.io_threads,
-                previous=self.previous_chunks(run_id, step),
+                previous=self.previous_chunks(run_id, step), pack_bytes=self.config.pack_bytes,
             )
             faults.point("before-commit")
             won = staging.commit(final, MARKER, staged.marker,

@@ -23,9 +23,10 @@ from storage import faults
 from storage.backend import Backend, ChunkSizeError, Staging
 from storage.dtypes import lookup
 from storage.hashing import StateHasher, bytes_hash
-from storage.layout import ZARR_JSON, array_zarr_json, group_zarr_json, plan_array, subgroups
+from storage.layout import ZARR_JSON, ArrayLayout, array_zarr_json, group_zarr_json, subgroups
 from storage.manifest import MANIFEST, MARKER, ArrayEntry, Manifest, encode_manifest, encode_marker
-from storage.names import check_tree, validate_array_name
+from storage.names import check_tree, validate_tensor_name
+from storage.packing import encode_members, pack_buffer, plan_checkpoint, put_member
 
 STAGING_PREFIX = ".staging-"
 
@@ -93,7 +94,7 @@ def check_inputs(tensors: Mapping[str, Any], metadata: dict) -> bytes:
 
     names = list(tensors)
     for name in names:
-        validate_array_name(name)
+        validate_tensor_name(name)
         lookup(dtype_name(tensors[name]))
     check_tree(names)
     return meta_json
@@ -191,18 +192,21 @@ def write_staging(
     stats: SaveStats,
     io_threads: int = 4,
     previous: Mapping[str, tuple[str, int, str]] | None = None,
+    pack_bytes: int = 0,
 ) -> StagedCheckpoint:
     """Write everything of one checkpoint into ``staging`` (not yet committed).
 
     Chunk files are written by ``io_threads`` threads: on the filesystems we measured, creating
     a file or folder costs ~1 ms of waiting, and threads overlap that wait with other chunks'
     data copies (os.write and xxhash both release the GIL). The main thread meanwhile feeds the
-    state hash, which needs tensors in name order, from memory.
+    state hash, which needs tensors in name order, from memory. Tensors under ``pack_bytes``
+    are copied into one pack per dtype (storage.packing), written once all are in.
 
     A chunk whose bytes equal the same chunk of the previous checkpoint (``previous``, from
     ``previous_chunks``) is hard-linked (local) or copied server-side (fsspec), not written:
     readers and ``verify`` see an ordinary file, and deleting the older checkpoint leaves it.
     """
+    from storage.shards import array_specs
     from storage.tensors import host_bytes
 
     prefix = staging_prefix(step_name)
@@ -214,6 +218,10 @@ def write_staging(
     counter = _Counter(stats)
     state = StateHasher()
     names = sorted(tensors)
+    plan = plan_checkpoint(array_specs(tensors), chunk_bytes, pack_bytes)
+    layouts = {lay.name: lay for lay in plan.layouts}
+    packed = plan.packed()
+    packs = {pack: pack_buffer(layouts[pack]) for pack in plan.members}
     pending: list[tuple[list[str], int, Future[str]]] = []
     documents: dict[str, Future[str]] = {}
 
@@ -222,32 +230,40 @@ def write_staging(
         counter.add(files_written=1)
         return bytes_hash(data)
 
+    def put_array(layout: ArrayLayout, data: memoryview, doc: bytes) -> list[Future[str]]:
+        hashes: list[str] = [""] * len(layout.chunks)
+        futs = []
+        for i, spec in enumerate(layout.chunks):
+            fut = pool.submit(
+                _put_chunk, staging, reuse, counter, f"{layout.name}/{spec.key}",
+                data[spec.start : spec.start + spec.data_nbytes], spec.nbytes - spec.data_nbytes,
+            )
+            pending.append((hashes, i, fut))
+            futs.append(fut)
+        documents[f"{layout.name}/{ZARR_JSON}"] = pool.submit(put_doc, f"{layout.name}/{ZARR_JSON}", doc)
+        entries.append(ArrayEntry(layout, hashes, plan.members.get(layout.name, ())))
+        return futs
+
     entries: list[ArrayEntry] = []
     with ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="ckpt-write") as pool:
         try:
             for name in names:
                 hb = host_bytes(tensors[name])
-                layout = plan_array(name, lookup(hb.dtype), hb.shape, chunk_bytes)
-                hashes: list[str] = [""] * len(layout.chunks)
-                mine_futs = []
-                for i, spec in enumerate(layout.chunks):
-                    data = hb.data[spec.start : spec.start + spec.data_nbytes]
-                    fut = pool.submit(
-                        _put_chunk, staging, reuse, counter, f"{name}/{spec.key}", data,
-                        spec.nbytes - spec.data_nbytes,
-                    )
-                    pending.append((hashes, i, fut))
-                    mine_futs.append(fut)
-                documents[f"{name}/{ZARR_JSON}"] = pool.submit(
-                    put_doc, f"{name}/{ZARR_JSON}", array_zarr_json(layout)
-                )
+                if name in packed:
+                    pack, member = packed[name]
+                    put_member(packs[pack], member, layouts[pack].dtype.itemsize, hb.data)
+                else:
+                    layout = layouts[name]
+                    mine_futs = put_array(layout, hb.data, array_zarr_json(layout))
+                    if hb.copied:  # bound extra memory: one temporary copy in flight at a time
+                        wait(mine_futs)
                 state.begin(name, hb.dtype, hb.shape)
                 state.update(hb.data)
-                entries.append(ArrayEntry(layout, hashes))
-                if hb.copied:  # bound extra memory: one temporary copy in flight at a time
-                    wait(mine_futs)
                 del hb
-            for group in subgroups(names):
+            for pack, buffer in packs.items():
+                members = encode_members(plan.members[pack])
+                put_array(layouts[pack], memoryview(buffer), array_zarr_json(layouts[pack], members))
+            for group in subgroups(list(layouts)):
                 documents[f"{group}/{ZARR_JSON}"] = pool.submit(put_doc, f"{group}/{ZARR_JSON}", group_zarr_json())
             root_attrs = {"rebound": {"run_id": run_id, "step": step}, "metadata": metadata}
             documents[ZARR_JSON] = pool.submit(put_doc, ZARR_JSON, group_zarr_json(root_attrs))

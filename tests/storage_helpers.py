@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -77,6 +78,22 @@ def chunks_under(base: Path) -> list[Path]:
 def chunk_files(root: Path, run: str, step: int) -> list[Path]:
     """Every chunk file of a committed local checkpoint."""
     return chunks_under(step_path(root, run, step))
+
+
+def zarr_tensor(group: Any, name: str) -> tuple[np.ndarray, str]:
+    """A tensor read with plain zarr-python, as the recipe in storage/packing.py and the README
+    reads it: its own array, or its slice of a pack. Returns the bytes as zarr gives them
+    (bfloat16 as its uint16 bits) and the true dtype name from the attributes."""
+    if name in group:
+        arr = group[name]
+        return np.asarray(arr[...]), arr.attrs["dtype"]
+    for pack in group["_packed"].array_values():
+        members = {m["name"]: m for m in pack.attrs["packed"]}
+        if name in members:
+            m = members[name]
+            n = math.prod(m["shape"])
+            return np.asarray(pack[m["offset"] : m["offset"] + n]).reshape(m["shape"]), pack.attrs["dtype"]
+    raise KeyError(name)
 
 
 def flip_byte(path: Path, pos: int) -> None:

@@ -80,10 +80,11 @@ def test_a_worker_killed_while_a_group_end_commits_in_the_background(
 
 def test_a_background_write_failure_fails_the_run_in_one_line(tmp_path: Path,
                                                               corpus: Path) -> None:
-    # A tiny-preset checkpoint takes ~2.5 MiB of tmpfs: with a checkpoint every 2 steps and
-    # groups of 10, the save that meets ENOSPC is one of steps 2-10, all written in the
-    # background (step 10 ends a group, not an epoch).
-    with small_tmpfs(tmp_path / "full", "9m") as full:
+    # A tiny-preset checkpoint takes ~1.9 MiB of tmpfs (its small tensors packed): 6 MiB holds
+    # 2-3 of them but never the 3 retained plus one being written, so with a checkpoint every
+    # 2 steps and groups of 10, the save that meets ENOSPC is one of steps 2-10, all written in
+    # the background (step 10 ends a group, not an epoch).
+    with small_tmpfs(tmp_path / "full", "6m") as full:
         done, s = _run(full, corpus, "bg-full", "--ckpt-every", "2")
         on_disk = committed_steps(full, "bg-full")
         background = _background(full, "bg-full")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from storage_helpers import assert_same_tensors
+from storage_helpers import assert_same_tensors, zarr_tensor
 
 from storage import (
     CheckpointNotFoundError,
@@ -74,13 +74,16 @@ class StoreConformance:
     def test_flipped_chunk_is_named_and_latest_falls_back(self, store: CheckpointStore) -> None:
         store.save("r", 1, _state(1), {})
         store.save("r", 2, _state(2), {})
-        rel = self._chunk_path(store, 2, "model/emb/c/0/0")
+        # model/emb is small enough to be packed: the error names the pack array holding it.
+        array = store.read_manifest("r", 2)[0].array_of("model/emb")
+        assert array == "_packed/float32"
+        rel = self._chunk_path(store, 2, f"{array}/c/0")
         data = bytearray(store.backend.read_bytes(rel))
         data[5] ^= 1
         self._overwrite(store, rel, bytes(data))
         with pytest.raises(CorruptCheckpointError) as ei:
             store.load("r", 2)
-        assert (ei.value.array, ei.value.chunk) == ("model/emb", "c/0/0")
+        assert (ei.value.array, ei.value.chunk) == (array, "c/0")
         seen: list[CorruptCheckpointError] = []
         assert store.load_latest_verified("r", on_corrupt=seen.append).ref.step == 1
         assert [e.step for e in seen] == [2]
@@ -118,7 +121,8 @@ class StoreConformance:
         staging = first.backend.begin_staging("r/ckpt", ".staging-000000000009-")
         from storage.writer import SaveStats, write_staging
 
-        write_staging(first.backend, staging, "r", 9, "r/ckpt", "000000000009", state, {}, 64, SaveStats())
+        write_staging(first.backend, staging, "r", 9, "r/ckpt", "000000000009", state, {}, 64, SaveStats(),
+                      pack_bytes=first.config.pack_bytes)
         staging.abandon()
         store.save("r", 9, state, {})
         stats = store.last_save_stats
@@ -132,9 +136,12 @@ class StoreConformance:
         store.save("r", 3, state, {"m": 1})
         group = self._zarr_group(store, 3)
         assert group.attrs["metadata"] == {"m": 1}
-        assert np.array_equal(group["model/emb"][:], state["model/emb"].numpy())
-        assert group["model/ln.bias"][:].tobytes() == state["model/ln.bias"].view(torch.uint16).numpy().tobytes()
-        assert group["empty"].shape == (0, 3)
+        emb, dtype = zarr_tensor(group, "model/emb")
+        assert np.array_equal(emb, state["model/emb"].numpy()) and dtype == "float32"
+        bias, dtype = zarr_tensor(group, "model/ln.bias")
+        assert bias.tobytes() == state["model/ln.bias"].view(torch.uint16).numpy().tobytes() and dtype == "bfloat16"
+        assert zarr_tensor(group, "empty")[0].shape == (0, 3)
+        assert "model/emb" not in group and "_packed/float32" in group  # packed, as the recipe expects
 
     def _zarr_group(self, store: CheckpointStore, step: int) -> zarr.Group:
         raise NotImplementedError

@@ -21,6 +21,10 @@ from training.loop import Trainer
 CHANGED = "model/layer0.weight"
 
 
+# These tests count chunks of single arrays, so every tensor is stored alone (pack_bytes=0);
+# packs under incremental saves: test_storage_packing.py.
+
+
 def _next_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The same state with one array changed: a training step of a model with one free layer."""
     out = dict(state)
@@ -37,7 +41,7 @@ def _loaded(store, run: str, step: int) -> dict[str, np.ndarray]:
 
 
 def test_unchanged_chunks_are_linked_and_survive_the_older_checkpoint(tmp_path: Path) -> None:
-    store = open_store(str(tmp_path), chunk_bytes=SMALL_CHUNK, incremental=True)
+    store = open_store(str(tmp_path), chunk_bytes=SMALL_CHUNK, incremental=True, pack_bytes=0)
     first = numpy_state(1)
     store.save("r", 1, first, {})
     second = _next_state(first)
@@ -59,7 +63,7 @@ def test_unchanged_chunks_are_linked_and_survive_the_older_checkpoint(tmp_path: 
 
 
 def test_a_rotten_older_chunk_is_written_anew_not_linked(tmp_path: Path) -> None:
-    store = open_store(str(tmp_path), chunk_bytes=SMALL_CHUNK, incremental=True)
+    store = open_store(str(tmp_path), chunk_bytes=SMALL_CHUNK, incremental=True, pack_bytes=0)
     first = numpy_state(2)
     store.save("r", 1, first, {})
     [victim, *_] = [p for p in chunk_files(tmp_path, "r", 1) if "layer3.weight" in str(p)]
@@ -72,7 +76,7 @@ def test_a_rotten_older_chunk_is_written_anew_not_linked(tmp_path: Path) -> None
 
 
 def test_one_file_is_shared_by_at_most_max_sharing_checkpoints(tmp_path: Path) -> None:
-    store = open_store(str(tmp_path), chunk_bytes=SMALL_CHUNK, incremental=True, max_sharing=2)
+    store = open_store(str(tmp_path), chunk_bytes=SMALL_CHUNK, incremental=True, max_sharing=2, pack_bytes=0)
     frozen = numpy_state(3)
     for step in range(1, 6):
         store.save("r", step, frozen, {})
@@ -99,7 +103,7 @@ def test_incremental_saves_are_off_by_default(tmp_path: Path) -> None:
 
 def test_fsspec_stores_copy_unchanged_chunks() -> None:
     url = f"memory://incremental-{os.getpid()}"
-    store = open_store(url, chunk_bytes=SMALL_CHUNK, incremental=True)
+    store = open_store(url, chunk_bytes=SMALL_CHUNK, incremental=True, pack_bytes=0)
     try:
         first = numpy_state(4)
         store.save("r", 1, first, {})
@@ -115,7 +119,7 @@ def test_fsspec_stores_copy_unchanged_chunks() -> None:
 
 
 def test_data_parallel_shares_link_unchanged_chunks(tmp_path: Path) -> None:
-    store = open_store(str(tmp_path), chunk_bytes=SMALL_CHUNK, incremental=True)
+    store = open_store(str(tmp_path), chunk_bytes=SMALL_CHUNK, incremental=True, pack_bytes=0)
     first = numpy_state(5)
     store.save("r", 1, first, {})
     second = _next_state(first)

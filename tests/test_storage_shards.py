@@ -39,7 +39,7 @@ def _store(url: str):
 
     from storage import open_store
 
-    return open_store(url, chunk_bytes=SMALL_CHUNK, staging_grace=timedelta(0))
+    return open_store(url, chunk_bytes=SMALL_CHUNK, staging_grace=timedelta(0), pack_bytes=0)
 
 
 def start_share(store: str, step: int, seed: int, session: str, rank: int, world: int, **env: str) -> subprocess.Popen:
@@ -368,7 +368,7 @@ def test_cleanup_spares_an_area_whose_last_writer_just_left(tmp_path: Path) -> N
     from storage import open_store
 
     root = tmp_path / "store"
-    store = open_store(str(root), chunk_bytes=SMALL_CHUNK, staging_grace=timedelta(seconds=60))
+    store = open_store(str(root), chunk_bytes=SMALL_CHUNK, staging_grace=timedelta(seconds=60), pack_bytes=0)
     state = numpy_state(2)
     r0 = store.write_share(RUN, 1, state, session="c", rank=0, world_size=2)
     area = root / RUN / "ckpt" / f".staging-{1:012d}-c"
