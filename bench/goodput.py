@@ -1,0 +1,334 @@
+"""bench.goodput: Rebound and torchrun training the same model under the same failures.
+
+    python -m bench.goodput [--model small] [--steps 2200] [--kill-every 60] [--workers 1|2]
+
+Both contenders train --steps steps of the same preset on the same data and seed, and a
+training process of each is SIGKILLed by PID every --kill-every seconds of wall time, counted
+from the contender's own start (start-up included for both). When nothing is training at a
+kill time (the contender is still recovering from the last kill), the kill waits for the next
+training process to appear. With --workers 2 both train data-parallel and the victim is rank 1.
+Each runs at its best settings:
+  rebound   `python -m flows.train --spares 1 --async-save --ckpt-every auto --mtbf KILL_EVERY`:
+            a hot spare, peer restore (--workers 2), background saves (--workers 1 only: ranks
+            save in line), the checkpoint interval
+            from Young/Daly on its measured stall and the true failure interval. The victim is
+            the worker process of the newest training attempt (--workers 2: rank 1's process,
+            from the store's ranks/1 record).
+  torchrun  `torchrun --max-restarts=1000 bench/torchrun_train.py` (the same Trainer, torch.save
+            + fsync + rename checkpoints, resume on restart), its interval from Young/Daly too:
+            sqrt(2 * C * MTBF) / step time, with C and the step time measured by this bench on
+            the same preset before the runs (--torchrun-ckpt-every overrides it). The victim is
+            the newest training process of rank 0 (--workers 2: rank 1) that is torchrun's child.
+
+Rows (one per contender, median (min-max) over --rounds):
+  wall_s        contender start to exit (start-up and every recovery included)
+  productive_s  seconds of the training steps that survive into the final state (Rebound: its
+                summary's productive_s; torchrun: the step seconds of the last execution of
+                every step in its step log): the same definition for both
+  ettr          productive_s / wall_s (effective training time ratio)
+  steps_lost    steps trained again because a kill lost them (Rebound: the sum of its summary's
+                lost_steps; torchrun: step executions logged minus --steps)
+  failures      kills performed (--json: kills_s, when each came, from the contender's start;
+                Rebound's summary_failures, the failures its own summary reports: a kill of a
+                worker between tasks costs a restart but no training, and may not be one)
+  ckpt_every    the checkpoint interval each used (Rebound: the one --ckpt-every auto chose)
+Ratio: rebound_vs_torchrun_ettr = Rebound's ettr / torchrun's (aim >= 1.0). The table also says
+whether both ended with the same state_hash (a lossless resume reaches the same bits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench._table import print_table, with_spread
+from bench.recovery import (
+    TORCHRUN_SCRIPT,
+    BenchError,
+    _parent_pid,
+    _process,
+    _read_steps,
+    _torchrun_cmd,
+    _wait,
+)
+
+RUN_ID = "bench-goodput"
+POLL_S = 0.05
+NUMERIC = ("wall_s", "productive_s", "ettr", "steps_lost", "failures", "ckpt_every")
+
+
+def _alive_in_group(pid: int, pgid: int) -> bool:
+    """pid is a live process of the contender's process group (never a reused stranger's)."""
+    try:
+        return os.getpgid(pid) == pgid and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+class Killer(threading.Thread):
+    """SIGKILLs victim() every kill_every seconds after `started`, until stopped.
+
+    victim() returns the PID to kill now, or None when nothing trains yet; a kill time with no
+    victim waits for one (polling), so every interval costs the contender one training process.
+    """
+
+    def __init__(self, started: float, kill_every: float, victim: Callable[[], int | None]) -> None:
+        super().__init__(daemon=True, name="goodput-killer")
+        self._t0, self._every, self._victim = started, kill_every, victim
+        self._stop_event = threading.Event()
+        self.kills: list[tuple[float, int]] = []
+
+    def run(self) -> None:
+        n = 1
+        while not self._stop_event.wait(max(0.0, self._t0 + n * self._every - time.time())):
+            killed = {pid for _, pid in self.kills}
+            while not self._stop_event.is_set():
+                pid = self._victim()
+                if pid is not None and pid not in killed:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        continue
+                    self.kills.append((time.time(), pid))
+                    break
+                self._stop_event.wait(POLL_S)
+            n += 1
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+# ---- Rebound ------------------------------------------------------------------------------
+
+def _rebound_victim(store_dir: Path, pgid: int, workers: int) -> Callable[[], int | None]:
+    from storage import open_store
+
+    def victim() -> int | None:
+        store = open_store(str(store_dir))
+        try:
+            if workers > 1:
+                doc = store.read_json(RUN_ID, "ranks/1")
+                pid = doc.get("pid") if doc else None
+            else:
+                attempts = [d for _, d in store.list_json(RUN_ID, "attempts")]
+                pid = max(attempts, key=lambda d: d["started_unix"])["pid"] if attempts else None
+        except (OSError, ValueError, KeyError):
+            return None  # a record being written: try again at the next poll
+        return pid if pid is not None and _alive_in_group(int(pid), pgid) else None
+
+    return victim
+
+
+def run_rebound(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    store_dir, summary_path = workdir / "store", workdir / "summary.json"
+    cmd = [sys.executable, "-m", "flows.train", "--no-progress", "--model", args.model,
+           "--steps", str(args.steps), "--group-steps", str(args.group_steps),
+           "--workers", str(args.workers), "--spares", "1",
+           # Background saves are single-writer for now: data-parallel ranks save in line.
+           *(["--async-save"] if args.workers == 1 else []), "--ckpt-every", "auto", "--mtbf", f"{args.kill_every:g}s", "--threads", str(args.threads),
+           "--store", str(store_dir), "--run-id", RUN_ID, "--fresh",
+           "--summary-json", str(summary_path), *(["--data", args.data] if args.data else [])]
+    started = time.time()
+    with _process(cmd, workdir, "rebound") as proc:
+        killer = Killer(started, args.kill_every, _rebound_victim(store_dir, proc.pid, args.workers))
+        killer.start()
+        try:
+            _wait(proc, args.timeout, "rebound (python -m flows.train)", workdir / "rebound.out")
+        finally:
+            killer.stop()
+    wall_s = time.time() - started
+    s = json.loads(summary_path.read_text())
+    return {
+        "wall_s": wall_s, "productive_s": float(s["productive_s"]),
+        "ettr": float(s["productive_s"]) / wall_s,
+        "steps_lost": sum(int(f.get("lost_steps") or 0) for f in s.get("failures", [])),
+        "failures": len(killer.kills), "ckpt_every": (s.get("ckpt_auto") or {}).get("every"),
+        "summary_failures": len(s.get("failures", [])),
+        "summary_failure_kinds": [(f.get("kind"), f.get("step"), f.get("lost_steps")) for f in s.get("failures", [])],
+        "kills_s": [round(t - started, 2) for t, _ in killer.kills],
+        "state_hash": s.get("state_hash"), "status": s.get("status"),
+    }
+
+
+# ---- torchrun -----------------------------------------------------------------------------
+
+def measure_torchrun_costs(args: argparse.Namespace) -> tuple[float, float]:
+    """(seconds of one torch.save checkpoint, seconds of one step) of the preset, measured here
+    the way the script does them (median of 3 saves; mean of 5 steps after 2 warm-up steps)."""
+    import torch
+
+    from bench.torchrun_train import save_checkpoint
+    from training.config import TrainConfig
+    from training.data import load_corpus
+    from training.loop import Trainer
+
+    torch.set_num_threads(args.threads)
+    cfg = TrainConfig(model=args.model, steps=args.steps, torch_threads=args.threads, device="cpu").resolved()
+    trainer = Trainer(cfg, load_corpus(args.data), device="cpu")
+    for _ in range(2):
+        trainer.train_step()
+    step_s = statistics.mean(trainer.train_step().seconds for _ in range(5))
+    with tempfile.TemporaryDirectory(prefix="rebound-bench-goodput-probe-") as d:
+        saves = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            save_checkpoint(trainer, Path(d) / "ckpt.pt")
+            saves.append(time.perf_counter() - t0)
+    return statistics.median(saves), step_s
+
+
+def young_daly_steps(ckpt_s: float, mtbf_s: float, step_s: float, max_steps: int) -> int:
+    """sqrt(2 C M) in steps, clamped to [1, max_steps]."""
+    return max(1, min(max_steps, round(math.sqrt(2.0 * ckpt_s * mtbf_s) / step_s)))
+
+
+def _torchrun_victim(out: Path, agent_pid: int, rank: int) -> Callable[[], int | None]:
+    def victim() -> int | None:
+        try:
+            lines = (out / "ranks.log").read_text().splitlines()
+        except FileNotFoundError:
+            return None
+        pids = [int(p) for r, p in (ln.split() for ln in lines if ln.count(" ") == 1) if int(r) == rank]
+        pid = pids[-1] if pids else None
+        return pid if pid is not None and _parent_pid(pid) == agent_pid else None
+
+    return victim
+
+
+def run_torchrun(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    out = workdir / "out"
+    out.mkdir()
+    every = args.torchrun_ckpt_every
+    cmd = [*_torchrun_cmd(), "--standalone", f"--nproc-per-node={args.workers}", "--max-restarts=1000",
+           "--local-addr", "127.0.0.1", str(TORCHRUN_SCRIPT), "--model", args.model,
+           "--steps", str(args.steps), "--ckpt-every", str(every), "--threads", str(args.threads),
+           "--out", str(out), *(["--data", args.data] if args.data else [])]
+    started = time.time()
+    with _process(cmd, workdir, "torchrun", env=dict(os.environ, MASTER_ADDR="127.0.0.1")) as proc:
+        killer = Killer(started, args.kill_every, _torchrun_victim(out, proc.pid, args.workers - 1))
+        killer.start()
+        try:
+            _wait(proc, args.timeout, "torchrun", workdir / "torchrun.out")
+        finally:
+            killer.stop()
+    wall_s = time.time() - started
+    steps = _read_steps(out / "steps.log")
+    surviving = {s.step: s.seconds for s in steps}  # in time order: the last execution wins
+    final = json.loads((out / "final.json").read_text())
+    productive = sum(surviving.values())
+    return {
+        "wall_s": wall_s, "productive_s": productive, "ettr": productive / wall_s,
+        "steps_lost": len(steps) - len(surviving), "failures": len(killer.kills), "ckpt_every": every,
+        "summary_failures": None, "summary_failure_kinds": None,
+        "kills_s": [round(t - started, 2) for t, _ in killer.kills], "state_hash": final["state_hash"],
+        "status": "completed" if final["final_step"] == args.steps else "incomplete",
+    }
+
+
+# ---- driver -------------------------------------------------------------------------------
+
+CONTENDERS: dict[str, Callable[[argparse.Namespace, Path], dict[str, Any]]] = {
+    "rebound": run_rebound, "torchrun": run_torchrun,
+}
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.goodput", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="small", help="model preset (default small)")
+    p.add_argument("--steps", type=int, default=2200, help="optimizer steps (default 2200)")
+    p.add_argument("--kill-every", type=float, default=60.0,
+                   help="seconds between kills, from each contender's start (default 60)")
+    p.add_argument("--workers", type=int, default=1, choices=(1, 2),
+                   help="training processes per contender: 1, or 2 data-parallel ranks (rank 1 killed)")
+    p.add_argument("--group-steps", type=int, default=50, help="Rebound steps per batch group (default 50)")
+    p.add_argument("--torchrun-ckpt-every", type=int, default=None,
+                   help="torchrun's checkpoint interval in steps (default: Young/Daly, measured)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per process (default 2; 1 per rank with --workers 2)")
+    p.add_argument("--rounds", type=int, default=1, help="rounds, order alternating (default 1)")
+    p.add_argument("--data", help="corpus (default: the stdlib's source)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds one run may take (default 3600)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = p.parse_args(argv)
+    if args.threads is None:
+        args.threads = 2 if args.workers == 1 else 1
+    if min(args.steps, args.group_steps, args.threads, args.rounds) < 1 or args.kill_every <= 0:
+        p.error("--steps, --group-steps, --threads, --rounds must be >= 1 and --kill-every > 0")
+    if args.torchrun_ckpt_every is not None and args.torchrun_ckpt_every < 1:
+        p.error("--torchrun-ckpt-every must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    probe = None
+    if args.torchrun_ckpt_every is None:
+        ckpt_s, step_s = measure_torchrun_costs(args)
+        args.torchrun_ckpt_every = young_daly_steps(ckpt_s, args.kill_every, step_s, args.steps)
+        probe = {"torchrun_ckpt_s": ckpt_s, "step_s": step_s, "torchrun_ckpt_every": args.torchrun_ckpt_every}
+        if not args.json:
+            print(f"torchrun: torch.save checkpoint {ckpt_s:.3f} s, step {step_s:.3f} s -> "
+                  f"Young/Daly interval {args.torchrun_ckpt_every} steps", file=sys.stderr)
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in CONTENDERS}
+    with tempfile.TemporaryDirectory(prefix="rebound-bench-goodput-") as tmp:
+        for round_no in range(args.rounds):
+            order = list(CONTENDERS) if round_no % 2 == 0 else list(reversed(CONTENDERS))
+            for name in order:
+                workdir = Path(tmp) / f"{name}-{round_no}"
+                workdir.mkdir()
+                try:
+                    r = CONTENDERS[name](args, workdir)
+                except BenchError as e:
+                    print(f"bench.goodput: round {round_no + 1} {name}: {e}", file=sys.stderr)
+                    r = {**dict.fromkeys(NUMERIC), "summary_failures": None, "kills_s": None, "state_hash": None,
+                         "status": f"failed: {str(e).splitlines()[-1]}"}
+                results[name].append(r)
+                if not args.json and r["wall_s"] is not None:
+                    print(f"round {round_no + 1}/{args.rounds} {name}: wall {r['wall_s']:.1f} s, "
+                          f"ETTR {r['ettr']:.3f}, {r['failures']} kills, {r['steps_lost']} steps lost",
+                          file=sys.stderr)
+    rows = []
+    for name, runs in results.items():
+        row: dict[str, Any] = {"method": name}
+        for key in NUMERIC:
+            with_spread(row, key, [r[key] for r in runs], 4 if key == "ettr" else 2)
+        row["failed_runs"] = sum(str(r["status"]).startswith("failed") for r in runs)
+        rows.append(row)
+    by = {r["method"]: r for r in rows}
+    ratios = {}
+    if by["rebound"]["ettr"] and by["torchrun"]["ettr"]:
+        ratios["rebound_vs_torchrun_ettr"] = round(by["rebound"]["ettr"] / by["torchrun"]["ettr"], 4)
+    hashes = {r["state_hash"] for runs in results.values() for r in runs if r["state_hash"]}
+    failed = sum(r["failed_runs"] for r in rows)
+    if args.json:
+        print(json.dumps({"rows": rows, "ratios": ratios, "runs": results, "probe": probe,
+                          "same_state_hash": len(hashes) == 1}))
+    else:
+        print_table(f"bench.goodput: {args.model}, {args.steps} steps, a kill every {args.kill_every:g} s, "
+                    f"{args.workers} process(es) x {args.threads} thread(s), median (min-max) of "
+                    f"{args.rounds} round(s)", rows, ratios)
+        print("final state_hash: " + ("identical in every run" if len(hashes) == 1
+                                      else f"DIFFERS between runs: {sorted(map(str, hashes))}"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("bench.goodput: interrupted", file=sys.stderr)
+        sys.exit(130)
