@@ -78,6 +78,8 @@ class RunTally:
     background_stall_s: float = 0.0
     """Stall of every background save so far (--async-save): what --ckpt-every auto prices."""
     background_saves: int = 0
+    background_drag_s: float = 0.0
+    """Extra seconds of the steps that overlapped a background save (tasks.background_saves.StepDrag)."""
     ckpt_auto: dict[str, Any] | None = None
     """summary["ckpt_auto"]: the interval --ckpt-every auto chose last and what it was made of
     (the measured stall per checkpoint, the step time, the MTBF)."""
@@ -96,6 +98,7 @@ class RunTally:
         self.steps_trained += int(result.get("steps_trained", 0))
         self.background_stall_s += float(result.get("background_stall_s", 0.0))
         self.background_saves += int(result.get("background_saves", 0))
+        self.background_drag_s += float(result.get("background_drag_s", 0.0))
 
     def absorb_eval(self, step: int, loss: float) -> None:
         self.evals.append((step, loss))

@@ -171,21 +171,24 @@ def train_epoch(plan: RunPlan, params: TrainParams, groups: list[Group], start_r
         for line in result["corrupt"]:
             _say(f"corrupt checkpoint skipped: {line}", "yellow")
         if plan.ckpt_auto and result["steps_trained"] and result["checkpoints"]:
-            # With --async-save the price of one more checkpoint is a background save's stall;
-            # the saves that must commit in line (epoch ends) happen whatever the interval.
+            # With --async-save the price of one more checkpoint is a background save's stall
+            # plus how much it slowed the steps it overlapped (on a machine whose cores all
+            # train, its hashing and writing take theirs); the saves that must commit in line
+            # (epoch ends) happen whatever the interval.
             stall_s = (tally.background_stall_s / tally.background_saves
                        if tally.background_saves else
                        result["ckpt_s"] / len(result["checkpoints"]))
+            drag_s = tally.background_drag_s / tally.background_saves if tally.background_saves else 0.0
             step_s = result["train_s"] / result["steps_trained"]
-            chosen = young_daly_interval(stall_s, params.mtbf_s, step_s, plan.group_steps)
+            chosen = young_daly_interval(stall_s + drag_s, params.mtbf_s, step_s, plan.group_steps)
             if chosen != plan.ckpt_every or tally.ckpt_auto is None:
                 _say(f"--ckpt-every auto: every {chosen} steps (stall {stall_s * 1000:.1f} ms "
-                     f"per checkpoint, {step_s * 1000:.0f} ms per step, MTBF "
-                     f"{params.mtbf_s:.0f} s)")
+                     f"+ {drag_s * 1000:.0f} ms slower steps per checkpoint, {step_s * 1000:.0f} ms "
+                     f"per step, MTBF {params.mtbf_s:.0f} s)")
             plan.ckpt_every = chosen
             tally.ckpt_auto = {"every": chosen, "stall_per_checkpoint_s": stall_s,
-                               "step_s": step_s, "mtbf_s": params.mtbf_s,
-                               "after_step": result["step"]}
+                               "drag_per_checkpoint_s": drag_s, "step_s": step_s,
+                               "mtbf_s": params.mtbf_s, "after_step": result["step"]}
         return result
 
     def evaluate_epoch_end(group: Group) -> float:

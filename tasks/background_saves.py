@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import threading
 import time
 from collections import deque
@@ -66,6 +67,28 @@ def settle_previous() -> float:
             raise _as_raised(failure)
         log.warning("%s (after its attempt had failed)", failure)
     return time.perf_counter() - t0
+
+
+class StepDrag:
+    """What background saves cost training beyond their stall: the extra seconds of the steps
+    that ran while a save was in flight, over the median step of this worker with none in
+    flight (kept across groups, so a group whose every step overlaps a save still has one)."""
+
+    _quiet: deque[float] = deque(maxlen=64)
+
+    def __init__(self) -> None:
+        self._busy: list[float] = []
+
+    def add(self, seconds: float, save_in_flight: bool) -> None:
+        """One training step, and whether a save was in flight when it started."""
+        (self._busy.append if save_in_flight else StepDrag._quiet.append)(seconds)
+
+    def seconds(self) -> float:
+        """The extra step seconds so far (0 until a step without a save was seen)."""
+        if not StepDrag._quiet or not self._busy:
+            return 0.0
+        baseline = statistics.median(StepDrag._quiet)
+        return max(0.0, sum(self._busy) - baseline * len(self._busy))
 
 
 class GroupSaves:
@@ -143,6 +166,11 @@ class GroupSaves:
             ref, stats = self._done.popleft()
             self._on_commit(ref, stats)
 
+    @property
+    def busy(self) -> bool:
+        """Whether a save is in flight."""
+        return self._saver.busy
+
     def poll(self) -> None:
         """Raise a background failure as soon as it is known; record finished saves."""
         self._through(self._saver.poll)
@@ -160,4 +188,4 @@ def _as_raised(err: BackgroundSaveError) -> BaseException:
     return cause if isinstance(cause, Exception) else err
 
 
-__all__ = ["GroupSaves", "settle_previous", "worker_saver"]
+__all__ = ["GroupSaves", "StepDrag", "settle_previous", "worker_saver"]

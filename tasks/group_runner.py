@@ -17,7 +17,7 @@ from storage.faults import ENV as STORAGE_FAULT_ENV
 from storage.lease import LeaseLostError
 from storage.store import CheckpointStore, SaveStats
 from tasks import chaos, health, progress
-from tasks.background_saves import GroupSaves, settle_previous
+from tasks.background_saves import GroupSaves, StepDrag, settle_previous
 from tasks.jobs import GroupJob, GroupResult, RunSpec
 from tasks.worker_cache import (
     WarmTrainer,
@@ -233,12 +233,17 @@ def run_group(job: GroupJob) -> GroupResult:
         _corrupt_after_commit(plan, store, job, done)  # the rot is for a later load to find
 
     saves = GroupSaves(store, job, result, committed_in_background) if run.async_save else None
+    drag = StepDrag()
     pending_end = False
     try:
         while trainer.step < job.last_step:
             next_step = trainer.step + 1
             _inject_before_step(plan, store, job, next_step, random_events)
+            in_flight = saves is not None and saves.busy
             step_result = trainer.train_step()
+            if saves is not None:
+                drag.add(step_result.seconds, in_flight)
+                result.background_drag_s = drag.seconds()
             productive_s += step_result.seconds
             result.steps_trained += 1
             result.train_s += step_result.seconds

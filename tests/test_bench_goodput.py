@@ -55,5 +55,7 @@ def test_goodput_bench_json(prefect_api: str) -> None:
     assert len(runs["rebound"][0]["kills_s"]) == runs["rebound"][0]["failures"]
     assert out["ratios"]["rebound_vs_torchrun_ettr"] == pytest.approx(
         rows["rebound"]["ettr"] / rows["torchrun"]["ettr"], rel=1e-3)
+    assert out["ratios"]["torchrun_vs_rebound_wall"] == pytest.approx(
+        rows["torchrun"]["wall_s"] / rows["rebound"]["wall_s"], rel=1e-3)
     # Both resumed exactly: the same weights after the same steps.
     assert out["same_state_hash"], [r["state_hash"] for rs in runs.values() for r in rs]
