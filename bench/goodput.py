@@ -10,7 +10,7 @@ training process to appear. With --workers 2 both train data-parallel and the vi
 Each runs at its best settings:
   rebound   `python -m flows.train --spares 1 --async-save --ckpt-every auto --mtbf KILL_EVERY`:
             a hot spare, peer restore (--workers 2), background saves (--workers 1 only: ranks
-            save in line), the checkpoint interval
+            save in line; --rebound-saves sync: in line), the checkpoint interval
             from Young/Daly on its measured stall and the true failure interval. The victim is
             the worker process of the newest training attempt (--workers 2: rank 1's process,
             from the store's ranks/1 record).
@@ -140,7 +140,8 @@ def run_rebound(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
            "--steps", str(args.steps), "--group-steps", str(args.group_steps),
            "--workers", str(args.workers), "--spares", "1",
            # Background saves are single-writer for now: data-parallel ranks save in line.
-           *(["--async-save"] if args.workers == 1 else []), "--ckpt-every", "auto", "--mtbf", f"{args.kill_every:g}s", "--threads", str(args.threads),
+           *(["--async-save"] if args.workers == 1 and args.rebound_saves == "async" else []),
+           "--ckpt-every", "auto", "--mtbf", f"{args.kill_every:g}s", "--threads", str(args.threads),
            "--store", str(store_dir), "--run-id", RUN_ID, "--fresh",
            "--summary-json", str(summary_path), *(["--data", args.data] if args.data else [])]
     started = time.time()
@@ -257,6 +258,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, choices=(1, 2),
                    help="training processes per contender: 1, or 2 data-parallel ranks (rank 1 killed)")
     p.add_argument("--group-steps", type=int, default=50, help="Rebound steps per batch group (default 50)")
+    p.add_argument("--rebound-saves", choices=("async", "sync"), default="async",
+                   help="Rebound's saves: in the background (default) or in line. On a machine "
+                        "whose cores all train, a background save slows the steps it overlaps "
+                        "by more than an in-line save stalls them (see the README)")
     p.add_argument("--torchrun-ckpt-every", type=int, default=None,
                    help="torchrun's checkpoint interval in steps (default: Young/Daly, measured)")
     p.add_argument("--threads", type=int, default=None,

@@ -172,8 +172,11 @@ def collect_failures(store: CheckpointStore, run_id: str, since_unix: float,
             # before at most); detection ends when this flow heard of the removal.
             died = loss.get("last_seen_unix") or loss["removed_unix"]
             retry = _first_after(attempts, "started_unix", died)
-            failures.append(_failure("worker-lost", None, loss["worker"], died,
-                                     loss.get("noticed_unix") or loss["removed_unix"], retry))
+            # It died training the step after its last reported one: what it had done since
+            # the checkpoint its replacement resumed from is lost.
+            last = loss.get("last_step")
+            failures.append(_failure("worker-lost", None if last is None else last + 1, loss["worker"],
+                                     died, loss.get("noticed_unix") or loss["removed_unix"], retry))
     for hang in hangs:
         retry = _first_after(attempts, "started_unix", hang["detected_unix"])
         failures.append(_failure("hang", None, hang["worker"], hang["detected_unix"],

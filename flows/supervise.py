@@ -62,6 +62,8 @@ class WorkerLoss:
     """When this flow heard of the removal: the end of detection."""
     last_seen_unix: float | None = None
     """The worker's last progress event before it was removed: it was alive then."""
+    last_step: int | None = None
+    """The step of that event: the last step the worker is known to have completed."""
 
 
 @dataclass
@@ -130,7 +132,8 @@ class ClusterWatch:
             with self._lock:
                 self.losses.append(WorkerLoss(worker, float(stamp),
                                               [str(k) for k in msg.get("processing-tasks", [])],
-                                              time.time(), self.last_seen.get(worker)))
+                                              time.time(), self.last_seen.get(worker),
+                                              self.last_step.get(worker)))
             if provisioner is not None:
                 provisioner.left(worker)
                 # Cold standby: a lost worker is replaced on demand. Ours to skip: a worker we

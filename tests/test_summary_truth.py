@@ -103,6 +103,10 @@ def test_worker_killed_from_outside_detection_is_measured(prefect_api: str, work
     assert 0 <= killed_at - lost["at_unix"] < 1.0
     assert 0 < lost["detected_after_s"] <= lost["recovered_after_s"]
     assert lost["detected_after_s"] < 5.0
+    # It died training the step after the last one it reported, inside its group; the steps it
+    # had done since the checkpoint its replacement resumed from are counted as lost.
+    assert running["first_step"] < lost["step"] <= running["last_step"]
+    assert lost["restored_from"] == "checkpoint" and 0 <= lost["lost_steps"] < lost["step"]
 
 
 class _OpenWatch:
