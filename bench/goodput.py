@@ -113,6 +113,20 @@ class Killer(threading.Thread):
         self.join()
 
 
+def _run_under_kills(args: argparse.Namespace, cmd: list[str], workdir: Path, name: str, label: str,
+                     victim_for: Callable[[int], Callable[[], int | None]], started: float,
+                     env: dict[str, str] | None = None) -> Killer:
+    """Run a contender to its end while a Killer strikes victim_for(its PID) on schedule."""
+    with _process(cmd, workdir, name, env=env) as proc:
+        killer = Killer(started, args.kill_every, victim_for(proc.pid))
+        killer.start()
+        try:
+            _wait(proc, args.timeout, label, workdir / f"{name}.out")
+        finally:
+            killer.stop()
+    return killer
+
+
 # ---- Rebound ------------------------------------------------------------------------------
 
 def _rebound_victim(store_dir: Path, pgid: int, workers: int) -> Callable[[], int | None]:
@@ -145,13 +159,8 @@ def run_rebound(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
            "--store", str(store_dir), "--run-id", RUN_ID, "--fresh",
            "--summary-json", str(summary_path), *(["--data", args.data] if args.data else [])]
     started = time.time()
-    with _process(cmd, workdir, "rebound") as proc:
-        killer = Killer(started, args.kill_every, _rebound_victim(store_dir, proc.pid, args.workers))
-        killer.start()
-        try:
-            _wait(proc, args.timeout, "rebound (python -m flows.train)", workdir / "rebound.out")
-        finally:
-            killer.stop()
+    killer = _run_under_kills(args, cmd, workdir, "rebound", "rebound (python -m flows.train)",
+                              lambda pgid: _rebound_victim(store_dir, pgid, args.workers), started)
     wall_s = time.time() - started
     s = json.loads(summary_path.read_text())
     return {
@@ -220,13 +229,9 @@ def run_torchrun(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
            "--steps", str(args.steps), "--ckpt-every", str(every), "--threads", str(args.threads),
            "--out", str(out), *(["--data", args.data] if args.data else [])]
     started = time.time()
-    with _process(cmd, workdir, "torchrun", env=dict(os.environ, MASTER_ADDR="127.0.0.1")) as proc:
-        killer = Killer(started, args.kill_every, _torchrun_victim(out, proc.pid, args.workers - 1))
-        killer.start()
-        try:
-            _wait(proc, args.timeout, "torchrun", workdir / "torchrun.out")
-        finally:
-            killer.stop()
+    killer = _run_under_kills(args, cmd, workdir, "torchrun", "torchrun",
+                              lambda agent: _torchrun_victim(out, agent, args.workers - 1), started,
+                              env=dict(os.environ, MASTER_ADDR="127.0.0.1"))
     wall_s = time.time() - started
     steps = _read_steps(out / "steps.log")
     surviving = {s.step: s.seconds for s in steps}  # in time order: the last execution wins

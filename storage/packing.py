@@ -72,6 +72,18 @@ class CheckpointPlan:
         return {m.name: (pack, m) for pack, ms in self.members.items() for m in ms}
 
 
+def array_specs(tensors: Mapping[str, Any]) -> list[ArraySpec]:
+    """(name, dtype, shape) of every tensor, sorted by name, without touching tensor data."""
+    from storage.tensors import dtype_name
+
+    out = []
+    for name in sorted(tensors):
+        x = tensors[name]
+        shape = x.shape if hasattr(x, "shape") else np.shape(x)
+        out.append((name, dtype_name(x), tuple(int(d) for d in shape)))
+    return out
+
+
 def pack_name(dtype: str) -> str:
     """The array a dtype's small tensors are packed into."""
     return f"{PACK_GROUP}/{dtype}"

@@ -27,8 +27,6 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
-
 from storage.backend import Backend, Staging
 from storage.hashing import bytes_hash
 from storage.layout import ZARR_JSON, array_zarr_json
@@ -37,6 +35,7 @@ from storage.names import check_tree, validate_tensor_name
 from storage.packing import (
     ArraySpec,
     CheckpointPlan,
+    array_specs,
     build_pack,
     check_pack_bytes,
     encode_members,
@@ -73,18 +72,6 @@ def share_area(step_name: str, session: str) -> str:
     removes it once no writer holds it.
     """
     return f"{STAGING_PREFIX}{step_name}-{validate_session(session)}"
-
-
-def array_specs(tensors: Mapping[str, Any]) -> list[ArraySpec]:
-    """(name, dtype, shape) of every tensor, sorted by name, without touching tensor data."""
-    from storage.tensors import dtype_name
-
-    out = []
-    for name in sorted(tensors):
-        x = tensors[name]
-        shape = x.shape if hasattr(x, "shape") else np.shape(x)
-        out.append((name, dtype_name(x), tuple(int(d) for d in shape)))
-    return out
 
 
 def plan_from_specs(

@@ -26,7 +26,7 @@ from storage.hashing import StateHasher, bytes_hash
 from storage.layout import ZARR_JSON, ArrayLayout, array_zarr_json, group_zarr_json, subgroups
 from storage.manifest import MANIFEST, MARKER, ArrayEntry, Manifest, encode_manifest, encode_marker
 from storage.names import check_tree, validate_tensor_name
-from storage.packing import encode_members, pack_buffer, plan_checkpoint, put_member
+from storage.packing import array_specs, encode_members, pack_buffer, plan_checkpoint, put_member
 
 STAGING_PREFIX = ".staging-"
 
@@ -206,7 +206,6 @@ def write_staging(
     ``previous_chunks``) is hard-linked (local) or copied server-side (fsspec), not written:
     readers and ``verify`` see an ordinary file, and deleting the older checkpoint leaves it.
     """
-    from storage.shards import array_specs
     from storage.tensors import host_bytes
 
     prefix = staging_prefix(step_name)

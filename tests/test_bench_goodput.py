@@ -1,7 +1,7 @@
 """`python -m bench.goodput`: both contenders lose training processes at the same wall-clock
 intervals, finish, and are scored by the same definition of productive time.
 
-The tiny preset for a few hundred steps with a kill every few seconds, so it checks the
+The tiny preset for a few hundred steps with a kill every 6 s, so it checks the
 mechanics (kills by PID from outside, the numbers' meaning, the JSON shape), not the numbers
 (the real run is by hand, see the README)."""
 
@@ -30,7 +30,8 @@ def test_young_daly_interval_in_steps() -> None:
 @pytest.mark.timeout(600)
 def test_goodput_bench_json(prefect_api: str) -> None:
     # prefect_api: the session's Prefect server, so the Rebound run does not start its own.
-    steps, kill_every = 400, 12.0
+    # Long enough that even a quick torchrun run (~0.02 s a step) outlives two kill intervals.
+    steps, kill_every = 600, 6.0
     proc = subprocess.run(
         [sys.executable, "-m", "bench.goodput", "--model", "tiny", "--steps", str(steps),
          "--kill-every", str(kill_every), "--group-steps", "40", "--threads", "1", "--json"],
