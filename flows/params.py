@@ -105,9 +105,9 @@ class TrainParams(BaseModel):
             raise ValueError("--replica-policy needs --replicas >= 2")
         if "vote_every" in given and self.replica_policy != "vote":
             raise ValueError("--vote-every needs --replica-policy vote")
-        if self.async_save and (self.workers > 1 or self.replicas > 1):
-            raise ValueError("--async-save is for a single rank so far: with --workers or "
-                             "--replicas above 1 every rank saves its share synchronously")
+        if self.async_save and self.replicas > 1:
+            raise ValueError("--async-save is not supported with --replicas above 1 yet: which "
+                             "replica writes is decided at each checkpoint, in line")
         if self.chaos and "perturb-replica" in self.chaos and self.workers < 2 and \
                 self.replicas < 2:
             raise ValueError("--chaos perturb-replica needs --replicas >= 2 or --workers >= 2 "

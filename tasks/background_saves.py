@@ -64,7 +64,7 @@ def settle_previous() -> float:
     pending, _pending_end = _pending_end, None
     if failure is not None:
         if pending is not None:
-            raise _as_raised(failure)
+            raise as_raised(failure)
         log.warning("%s (after its attempt had failed)", failure)
     return time.perf_counter() - t0
 
@@ -151,7 +151,7 @@ class GroupSaves:
         try:
             return call()
         except BackgroundSaveError as err:
-            raise _as_raised(err) from None
+            raise as_raised(err) from None
         finally:
             self.record()
 
@@ -182,10 +182,10 @@ class GroupSaves:
         return waited
 
 
-def _as_raised(err: BackgroundSaveError) -> BaseException:
+def as_raised(err: BackgroundSaveError) -> BaseException:
     """The store's own exception, so the flow classifies it as for a synchronous save."""
     cause = err.__cause__
     return cause if isinstance(cause, Exception) else err
 
 
-__all__ = ["GroupSaves", "StepDrag", "settle_previous", "worker_saver"]
+__all__ = ["GroupSaves", "StepDrag", "as_raised", "settle_previous", "worker_saver"]

@@ -14,6 +14,7 @@ import dataclasses
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -27,11 +28,13 @@ from storage import (
 )
 from storage.faults import ENV as STORAGE_FAULT_ENV
 from storage.hashing import state_hash
-from storage.store import CheckpointStore
+from storage.store import CheckpointStore, SaveStats
 from tasks import chaos, health, progress
+from tasks.background_saves import StepDrag
 from tasks.chaos import ChaosEvent
 from tasks.jobs import GroupJob, RunSpec
 from tasks.rank_cache import leave_group, rank_group_for
+from tasks.rank_saves import RankSaves
 from tasks.replica_board import ReplicasDisagree, announce_commit, await_commit, vote, writer
 from tasks.worker_cache import WarmTrainer, drop_warm, put_warm, take_spare, take_warm
 from training.config import TrainConfig
@@ -154,6 +157,13 @@ class RankResult:
     """Of vote_s, the seconds spent waiting for the other replicas' hashes."""
     pending_votes: list[int] = field(default_factory=list)
     """Vote steps whose ballots were not complete yet (compared at a later vote)."""
+    background_saves: int = 0
+    """Checkpoints inside the group whose share this rank wrote in the background."""
+    background_stall_s: float = 0.0
+    """Of ckpt_s, what those saves stopped training for (hash agreement, snapshot, waiting for
+    the save before)."""
+    background_drag_s: float = 0.0
+    """How much longer the steps that overlapped a background save took (StepDrag)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -424,6 +434,34 @@ def _checkpoint(store: CheckpointStore, job: RankJob, group: RankGroup, warm: Wa
             return ref
 
 
+def _background_saves(store: CheckpointStore, job: RankJob, group: RankGroup,
+                      result: RankResult,
+                      on_commit: Callable[[CheckpointRef, SaveStats], None]) -> RankSaves | None:
+    """This rank's background saves for the group (None without --async-save). Replica groups
+    save in line: which replica writes is decided at each checkpoint (tasks/replica_board.py)."""
+    g = job.group
+    run = g.run
+    if not run.async_save or job.replicas > 1:
+        return None
+    session = Rendezvous.from_dict(job.rendezvous).namespace
+
+    def commit(step: int, receipts: list[ShareReceipt],
+               meta: dict[str, Any]) -> tuple[CheckpointRef, SaveStats]:
+        ref = store.commit_shares(run.run_id, step, receipts, meta, session=session,
+                                  lease_epoch=run.lease_epoch)
+        stats = store.last_save_stats or SaveStats()
+        store.gc(run.run_id, keep_last=run.keep_last, protect=g.protect_steps,
+                 just_committed=ref)
+        return ref, stats
+
+    saves = RankSaves(store, run_id=run.run_id, rank=group.rank, world_size=group.world_size,
+                      session=session, board=group.board, timeout=group.rdv.timeout,
+                      commit=commit, on_commit=on_commit, gather_hashes=group.all_gather_text,
+                      disagree=RanksDisagree)
+    result.ckpt_s += saves.waited_at_start_s
+    return saves
+
+
 def _recompute(job: RankJob, store: CheckpointStore, group: RankGroup,
                result: RankResult) -> RankResult:
     """A third opinion: from the newest checkpoint to `recompute_to`, nothing written."""
@@ -516,6 +554,19 @@ def run_rank(job: RankJob) -> RankResult:
                   replica=job.replica, attempt=result.attempt)
     productive_s = warm.productive_s
     ref = warm.at_ref
+
+    def committed_in_background(done: CheckpointRef, stats: SaveStats) -> None:
+        nonlocal ref
+        ref = done
+        if stats.outcome == "committed":
+            result.checkpoints.append(done.step)
+            if attempt is not None:
+                attempt.setdefault("background_checkpoints", []).append(done.step)
+            record(checkpoints=list(result.checkpoints))
+        _corrupt_after_commit(job, store, done)  # the rot is for a later load to find
+
+    saves = _background_saves(store, job, group, result, committed_in_background)
+    drag = StepDrag()
     cpu_started, wall_started = time.process_time(), time.time()
     try:
         if trainer.step > g.first_step and trainer.step % g.ckpt_every == 0 and \
@@ -528,7 +579,12 @@ def run_rank(job: RankJob) -> RankResult:
                               {"productive_s": productive_s}) or ref
         while trainer.step < g.last_step:
             _chaos_before_step(job, store, trainer.step + 1, trainer)
+            in_flight = saves is not None and saves.busy
             step_result = trainer.train_step()
+            if saves is not None:
+                drag.add(step_result.seconds, in_flight)
+                result.background_drag_s = drag.seconds()
+                saves.poll()  # a background failure surfaces at the next step
             productive_s += step_result.seconds
             result.steps_trained += 1
             result.train_s += step_result.seconds
@@ -540,7 +596,21 @@ def run_rank(job: RankJob) -> RankResult:
             if _is_vote_step(job, trainer.step):
                 _vote(job, group, trainer, result)
             save_s = 0.0
-            if trainer.step % g.ckpt_every == 0 or trainer.step == g.last_step:
+            if saves is not None and trainer.step % g.ckpt_every == 0 and \
+                    trainer.step < g.last_step:
+                save_s = saves.submit(
+                    warm, {"productive_s": productive_s, "train_loss": step_result.loss},
+                    {"config_hash": run.config_hash, "workers": group.world_size},
+                    before=lambda at=trainer.step: _arm_kill_during_save(job, store, at))
+                result.ckpt_s += save_s
+                result.background_stall_s += save_s
+                result.background_saves += 1
+            elif trainer.step % g.ckpt_every == 0 or trainer.step == g.last_step:
+                if saves is not None:
+                    # Committed in order: the group's end comes after the save in flight.
+                    waited = saves.wait()
+                    result.ckpt_s += waited
+                    result.background_stall_s += waited
                 _arm_kill_during_save(job, store, trainer.step)
                 t0 = time.perf_counter()
                 ref = _checkpoint(store, job, group, warm, result,
@@ -556,6 +626,8 @@ def run_rank(job: RankJob) -> RankResult:
                           tokens=step_result.tokens, seconds=step_result.seconds,
                           save_s=save_s, rank=job.rank, replica=job.replica,
                           attempt=result.attempt, ckpt=ref.step if ref is not None else None)
+        if saves is not None:
+            result.ckpt_s += saves.wait()
         if ref is None or ref.step != trainer.step:
             if _is_vote_step(job, trainer.step) and not result.votes:
                 _vote(job, group, trainer, result)
@@ -566,15 +638,22 @@ def run_rank(job: RankJob) -> RankResult:
         # the state after trainer.step (the flow decides whom to trust after a disagreement).
         warm.at_ref = ref if ref is not None and ref.step == trainer.step else None
         warm.productive_s = productive_s
+        if saves is not None:
+            saves.cancel()
         leave_group()
         put_warm(warm)
         if isinstance(err, ReplicasDisagree):
             raise
         raise PeerLost(job.rank, trainer.step, str(err)) from None
     except BaseException:
+        if saves is not None:
+            saves.cancel()
         leave_group()
         drop_warm()
         raise
+    if saves is not None:
+        result.bytes_written += saves.bytes_written
+        result.bytes_reused += saves.bytes_reused
     if ref is None or ref.step != trainer.step:
         raise RuntimeError(f"replica {job.replica}: no checkpoint of step {trainer.step} "
                            "was committed (every writer dropped)")

@@ -261,3 +261,73 @@ def test_the_fire_drill_deployment_completes_bit_exact(dp_reference: dict[str, A
     kinds = {f["kind"] for f in summary["failures"]}
     assert {"worker-lost", "task-error", "corrupt-checkpoint", "hang"} <= kinds, kinds
     assert summary["state_hash"] == dp_reference["state_hash"]
+
+
+def _background(store: Path, run_id: str) -> list[int]:
+    """Steps rank 0 committed from its background thread, from the attempts' records."""
+    return sorted(step for _, doc in open_store(str(store)).list_json(run_id, "attempts")
+                  for step in doc.get("background_checkpoints", []))
+
+
+def test_async_saves_under_data_parallelism_end_in_the_same_state(
+        dp_reference: dict[str, Any], workdir: Path, corpus: Path) -> None:
+    done, summary = _run(workdir, corpus, "dp-async", *W2, "--async-save")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert summary["failures"] == []
+    assert summary["state_hash"] == dp_reference["state_hash"]
+    store = workdir / "store"
+    assert committed_steps(store, "dp-async") == committed_steps(store, "dp-ref")
+    # Every checkpoint inside a group (groups of 10, one every 5) was written by both ranks in
+    # the background and committed by rank 0's background thread; group ends commit in line.
+    assert _background(store, "dp-async") == [5, 15, 25, 35]
+    assert summary["checkpoints_committed"] == dp_reference["checkpoints_committed"]
+    assert _verify(store, "dp-async").returncode == 0
+    # Both ranks' shares are in each background checkpoint: the same state as the sync one.
+    hashes = {run: open_store(str(store)).state_hash(run, 15) for run in ("dp-ref", "dp-async")}
+    assert hashes["dp-ref"] == hashes["dp-async"]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_killed_during_its_background_share(dp_reference: dict[str, Any],
+                                                   workdir: Path, corpus: Path,
+                                                   rank: int) -> None:
+    # Step 15 is inside the group (10, 20]: both ranks write their shares behind training. The
+    # chosen rank SIGKILLs itself after two chunk files; rank 0 is the one that commits, so
+    # killing it also loses the commit rank 1's receipt was waiting for.
+    run_id = f"dp-async-kill{rank}"
+    done, summary = _run(workdir, corpus, run_id, *W2, "--async-save",
+                         "--chaos", f"kill-during-save@15/{rank}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    [failure] = summary["failures"]
+    assert failure["kind"] == "worker-lost"
+    assert summary["state_hash"] == dp_reference["state_hash"]
+    store = open_store(str(workdir / "store"))
+    steps = committed_steps(workdir / "store", run_id)
+    if 15 in steps:  # saved again by the retry, never the broken save made visible
+        assert store.read_manifest(run_id, 15)[0].created_unix > failure["at_unix"]
+    assert set(steps) >= {5, 10, 20, 25, 30, 35, 40}
+    assert _verify(workdir / "store", run_id).returncode == 0
+
+
+def test_a_background_share_on_a_full_disk_fails_the_run_in_one_line(
+        tmp_path: Path, corpus: Path, prefect_api: str) -> None:
+    from tests.storage_helpers import small_tmpfs
+
+    # ~1.9 MiB a checkpoint, 6 MiB of disk, a checkpoint every 2 steps: the disk fills up
+    # inside the first group, where every save but the group's end is in the background.
+    with small_tmpfs(tmp_path / "full", "6m") as full:
+        done, summary = _run(tmp_path, corpus, "dp-full", *W2, "--async-save",
+                             "--ckpt-every", "2", store=full)
+        on_disk = committed_steps(full, "dp-full")
+        background = _background(full, "dp-full")
+        verify = _verify(full, "dp-full")
+    terminal = done.stdout + done.stderr
+    assert done.returncode == 1, terminal[-3000:]
+    assert "Traceback" not in terminal, terminal[-3000:]
+    [error] = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert "No space left on device" in error
+    assert summary["status"] == "failed" and "No space left on device" in summary["reason"]
+    assert [f["kind"] for f in summary["failures"]] == ["storage"]
+    assert on_disk and max(on_disk) <= 10 and set(background) <= set(on_disk)
+    assert summary["checkpoints_committed"] == len(on_disk)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
