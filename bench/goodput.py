@@ -9,8 +9,8 @@ kill time (the contender is still recovering from the last kill), the kill waits
 training process to appear. With --workers 2 both train data-parallel and the victim is rank 1.
 Each runs at its best settings:
   rebound   `python -m flows.train --spares 1 --async-save --ckpt-every auto --mtbf KILL_EVERY`:
-            a hot spare, peer restore (--workers 2), background saves (--workers 1 only: ranks
-            save in line; --rebound-saves sync: in line), the checkpoint interval
+            a hot spare, peer restore (--workers 2), background saves (each rank its share
+            with --workers 2; --rebound-saves sync: in line), the checkpoint interval
             from Young/Daly on its measured stall and the true failure interval. The victim is
             the worker process of the newest training attempt (--workers 2: rank 1's process,
             from the store's ranks/1 record).
@@ -153,8 +153,7 @@ def run_rebound(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "flows.train", "--no-progress", "--model", args.model,
            "--steps", str(args.steps), "--group-steps", str(args.group_steps),
            "--workers", str(args.workers), "--spares", "1",
-           # Background saves are single-writer for now: data-parallel ranks save in line.
-           *(["--async-save"] if args.workers == 1 and args.rebound_saves == "async" else []),
+           *(["--async-save"] if args.rebound_saves == "async" else []),
            "--ckpt-every", "auto", "--mtbf", f"{args.kill_every:g}s", "--threads", str(args.threads),
            "--store", str(store_dir), "--run-id", RUN_ID, "--fresh",
            "--summary-json", str(summary_path), *(["--data", args.data] if args.data else [])]
