@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -58,7 +59,16 @@ def dask_settings() -> dict[str, object]:
     return {k: v for k, v in DASK_SETTINGS.items() if _env_name(k) not in os.environ}
 
 
+GPU_DRIVER_PATHS = ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/kfd")
+"""On Linux a GPU torch can use shows up here (NVIDIA's driver; ROCm's /dev/kfd) before any
+library is loaded."""
+
+
 def cuda_available() -> bool:
+    """Whether this machine has a GPU torch can train on. Without a GPU driver on Linux the
+    answer is known without importing torch (~1.8 s of the coordinator's start-up)."""
+    if sys.platform.startswith("linux") and not any(os.path.exists(p) for p in GPU_DRIVER_PATHS):
+        return False
     import torch
 
     return bool(torch.cuda.is_available())

@@ -16,7 +16,7 @@ from storage import open_store
 from tasks.jobs import RunSpec
 from training.config import TrainConfig
 from training.data import Corpus, load_corpus, steps_per_epoch
-from training.distributed import batch_share
+from training.rendezvous import batch_share
 
 DEFAULT_GROUP_STEPS = 50
 """Steps per batch-group task: seconds of work each, so ~0.3 s of Dask+Prefect overhead is small."""

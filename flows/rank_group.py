@@ -25,9 +25,9 @@ from flows.supervise import ClusterWatch, InfrastructureError, Watchdog
 from storage import FatalStoreError, open_store
 from tasks.health import WorkerUnhealthy
 from tasks.jobs import GroupJob
-from tasks.rank_runner import PeerLost, RankJob, RanksDisagree
+from tasks.rank_jobs import PeerLost, RankJob, RanksDisagree
 from tasks.replica_board import ReplicasDisagree
-from training.distributed import RendezvousServer
+from training.rendezvous import RendezvousServer
 
 HANG_GRACE = timedelta(seconds=1)
 """After a peer reported a failed collective, a rank still silent this much past the collective

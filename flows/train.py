@@ -77,7 +77,7 @@ from tasks.evaluate import evaluate  # noqa: E402
 from tasks.jobs import GroupJob  # noqa: E402
 from tasks.train_batch_group import quiet_one_line_failures, train_batch_group  # noqa: E402
 from tasks.train_rank import train_rank  # noqa: E402
-from training.distributed import RendezvousServer  # noqa: E402
+from training.rendezvous import RendezvousServer  # noqa: E402
 
 console = Console(stderr=True)
 

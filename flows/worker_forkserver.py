@@ -17,7 +17,7 @@ import multiprocessing.forkserver
 import os
 
 WORKER_PRELOAD = ("flows.forkserver_guard", "distributed", "numpy", "torch", "torch._dynamo",
-                  "prefect", "storage", "tasks.train_batch_group")
+                  "prefect", "storage", "tasks.train_batch_group", "tasks.group_runner")
 """What every worker process needs before its first step (after the guard that ends the
 server with the CLI)."""
 

@@ -8,7 +8,6 @@ from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from storage import CheckpointRef, CorruptCheckpointError, open_store
-from tasks.group_runner import build_trainer
 from tasks.jobs import RunSpec
 from tasks.train_batch_group import is_retryable
 from tasks.worker_cache import WarmTrainer, drop_warm, put_warm, take_warm
@@ -21,6 +20,8 @@ def evaluate_checkpoint(run: RunSpec, ref_dict: dict[str, Any]) -> float:
         CorruptCheckpointError: the checkpoint does not verify (the flow retrains it; a retry
             here would read the same bytes again).
     """
+    from tasks.group_runner import build_trainer  # torch: on the worker only
+
     ref = CheckpointRef.from_dict(ref_dict)
     key = (run.run_id, run.config_hash)
     warm = take_warm(key)

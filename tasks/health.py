@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 import time
 
-import torch
-
 from storage.store import CheckpointStore
 
 MIN_FREE_MEMORY_BYTES = 256 * 2**20
@@ -51,6 +49,8 @@ _start_failure: str | None = None
 def device_fault(device: str = "cpu") -> str | None:
     """Why `device` cannot be trained on here (None: it can): a small matmul checked against
     its known result, and free memory (the host's, and the GPU's for a CUDA device)."""
+    import torch  # only where the probe runs: the coordinator imports this module for its errors
+
     try:
         a = torch.arange(16, dtype=torch.float32, device=device).reshape(4, 4)
         # Column sums (24, 28, 32, 36) dotted with row sums (6, 22, 38, 54): exact in float32.
@@ -72,6 +72,8 @@ def start_probe(use_cuda: bool) -> str | None:
     """Probe this worker at start-up (its GPU when it offers one) and remember the verdict
     for the first group that meets it; returns the fault, if any."""
     global _start_failure
+    import torch
+
     device = f"cuda:{torch.cuda.current_device()}" if use_cuda and \
         torch.cuda.is_available() else "cpu"
     if use_cuda and device == "cpu":

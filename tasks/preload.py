@@ -21,7 +21,9 @@ def _boot() -> None:
     import torch
 
     import storage  # noqa: F401
-    import tasks.train_batch_group  # noqa: F401  (imports prefect and the training loop)
+    import tasks.group_runner  # noqa: F401  (the training loop; the task modules keep it lazy)
+    import tasks.rank_runner  # noqa: F401
+    import tasks.train_batch_group  # noqa: F401  (imports prefect)
 
     param = torch.nn.Parameter(torch.zeros(4))
     opt = torch.optim.AdamW([param], lr=1e-3, foreach=False)

@@ -32,7 +32,7 @@ from storage.hashing import state_hash
 from storage.store import CheckpointStore, SaveStats
 from tasks.background_saves import as_raised, settle_previous, worker_saver
 from tasks.worker_cache import WarmTrainer
-from training.distributed import CollectiveError
+from training.rendezvous import CollectiveError
 
 RECEIPT_POLL_S = 0.01
 """How often rank 0's background thread looks for the receipts still missing (a cheap check

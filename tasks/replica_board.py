@@ -14,9 +14,12 @@ from __future__ import annotations
 import json
 import time
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from training.distributed import CollectiveError, RankGroup
+from training.rendezvous import CollectiveError
+
+if TYPE_CHECKING:
+    from training.distributed import RankGroup
 
 POLL_S = 0.0005
 """Between two looks at the board (a look costs ~0.15 ms). The store's own blocking wait is

@@ -17,11 +17,12 @@ from tasks import progress
 from tasks.jobs import RunSpec
 from tasks.worker_cache import corpus_for, put_spare
 from training.config import TrainConfig
-from training.loop import Trainer
 
 
 def warm_up_spare(run: RunSpec) -> dict[str, Any]:
     """Make this worker a warm spare for `run`; returns what each part took (seconds)."""
+    from training.loop import Trainer  # here: the coordinator imports this module to submit it
+
     t0 = time.perf_counter()
     corpus = corpus_for(run.data_path)
     t1 = time.perf_counter()

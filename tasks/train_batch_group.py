@@ -10,7 +10,6 @@ from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from storage import FatalStoreError
-from tasks.group_runner import run_group
 from tasks.health import WorkerUnhealthy
 from tasks.jobs import GroupJob
 
@@ -73,4 +72,8 @@ def is_retryable(task: Any, task_run: Any, state: Any) -> bool:
 )
 def train_batch_group(job: GroupJob) -> dict[str, Any]:
     """Train one batch group from its newest verified checkpoint; return its checkpoint ref + metrics."""
+    # Imported here, where it runs: the coordinator imports this module only to submit the task
+    # (workers import the runner with their preload, WORKER_RUNNERS).
+    from tasks.group_runner import run_group
+
     return run_group(job).to_dict()

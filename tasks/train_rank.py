@@ -11,7 +11,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from tasks.rank_runner import RankJob, run_rank
+from tasks.rank_jobs import RankJob
 
 
 @task(
@@ -23,4 +23,6 @@ from tasks.rank_runner import RankJob, run_rank
 )
 def train_rank(job: RankJob) -> dict[str, Any]:
     """Train one rank's share of a batch group; return the group's checkpoint ref + metrics."""
+    from tasks.rank_runner import run_rank  # the coordinator only submits this task
+
     return run_rank(job).to_dict()

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from storage import CheckpointRef
 from training.data import Corpus, load_corpus
-from training.loop import Trainer
+
+if TYPE_CHECKING:
+    from training.loop import Trainer
 
 _lock = threading.Lock()
 _corpora: dict[str | None, Corpus] = {}

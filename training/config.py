@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from training.hparams import HPARAM_NAMES, Hyperparameters
-from training.model import ModelConfig
+from training.model_config import ModelConfig
 from training.presets import get_preset, get_preset_hparams
 
 _DEVICES = ("auto", "cpu", "cuda")

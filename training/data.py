@@ -15,12 +15,14 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from training.rng import DATA_STREAM, derive_seed
+
+if TYPE_CHECKING:
+    import torch
 
 STDLIB_MAX_BYTES = 32 * 2**20
 """Cap on the default corpus, in sorted file order, so loading stays well under 2 s."""
@@ -234,6 +236,8 @@ def get_batch(
     order, shift = _epoch_order(
         seed, cursor.epoch, _sequences_per_epoch(corpus, block_size), block_size
     )
+    import torch  # the coordinator plans epochs with this module and never makes a batch
+
     picked = order[cursor.position * batch_size : (cursor.position + 1) * batch_size]
     starts = shift + picked.astype(np.int64) * block_size
     tokens = torch.from_numpy(
@@ -263,6 +267,8 @@ def get_eval_batches(
             f"{corpus.description}: validation split ({corpus.val.size} tokens) is shorter "
             f"than one sequence of {block_size + 1} tokens"
         )
+    import torch
+
     starts = np.linspace(0, span, n_batches * batch_size).round().astype(np.int64)
     tokens = torch.from_numpy(
         corpus.val[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)

@@ -24,8 +24,8 @@ import torch
 from training.config import ResolvedTrainConfig
 from training.data import Corpus, DataCursor, batches_per_epoch, get_batch, get_eval_batches
 from training.device import autocast, configure_determinism, resolve_device
-from training.distributed import batch_share
 from training.model import GPT
+from training.rendezvous import batch_share
 from training.rng import INIT_STREAM, STEP_STREAM, derive_rank_seed, derive_seed
 from training.schedule import lr_at
 from training.state import capture_state, restore_state

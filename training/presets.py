@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from training.hparams import HPARAM_NAMES, Hyperparameters
-from training.model import ModelConfig
+from training.model_config import ModelConfig
 
 PRESET_DIR = Path(__file__).with_name("presets")
 
