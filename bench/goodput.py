@@ -153,7 +153,7 @@ def run_rebound(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "flows.train", "--no-progress", "--model", args.model,
            "--steps", str(args.steps), "--group-steps", str(args.group_steps),
            "--workers", str(args.workers), "--spares", "1",
-           *(["--async-save"] if args.rebound_saves == "async" else []),
+           "--async-save", "on" if args.rebound_saves == "async" else "off",
            "--ckpt-every", "auto", "--mtbf", f"{args.kill_every:g}s", "--threads", str(args.threads),
            "--store", str(store_dir), "--run-id", RUN_ID, "--fresh",
            "--summary-json", str(summary_path), *(["--data", args.data] if args.data else [])]

@@ -40,9 +40,12 @@ OPTION_HELP = {
     "mtbf": "mean time between failures assumed by --ckpt-every auto (default 1h; refused "
             "without it)",
     "keep": "retention: keep the newest K checkpoints plus epoch ends (default 3)",
-    "async_save": "checkpoints stop training only for a snapshot of the state; hashing, "
-                  "writing and the commit run in the background, one at a time (epoch ends and "
-                  "the run's last checkpoint commit in line). Single rank only",
+    "async_save": "on (the flag alone): checkpoints stop training only for a snapshot of the "
+                  "state; hashing, writing and the commit run in the background, one at a time "
+                  "(epoch ends, data-parallel group ends and the run's last checkpoint commit "
+                  "in line); off: in line; auto (default): on where a GPU trains, off on CPU "
+                  "workers, whose cores all train (a background save slows their steps more "
+                  "than an in-line save stalls them). Not with --replicas >= 2",
     "incremental_saves": "a checkpoint chunk equal to the previous checkpoint's is linked "
                          "(local disk) or copied server-side, not written again: frozen layers "
                          "cost nothing. One file is shared by at most --keep minus 1 checkpoints "
@@ -136,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures-per-worker", type=int, metavar="F",
                    help=h["max_failures_per_worker"])
     p.add_argument("--lease-ttl", metavar="DUR", help=h["lease_ttl"])
-    p.add_argument("--async-save", action="store_true", default=None, help=h["async_save"])
+    p.add_argument("--async-save", nargs="?", const="on", choices=("on", "off", "auto"),
+                   help=h["async_save"])
     p.add_argument("--incremental-saves", action="store_true", default=None,
                    help=h["incremental_saves"])
     p.add_argument("--retries", type=int, default=2, help=h["retries"])
@@ -165,6 +169,8 @@ def parse_params(argv: list[str] | None) -> tuple[Any, argparse.Namespace]:
     # Flags not given stay out, so the parameters know which were asked for (model_fields_set):
     # a flag that does nothing in the chosen setup is refused rather than silently ignored.
     fields = {k: v for k, v in vars(args).items() if k != "no_progress" and v is not None}
+    if "async_save" in fields:
+        fields["async_save"] = {"on": True, "off": False}.get(fields["async_save"], "auto")
     try:
         return TrainParams(**fields), args
     except ValidationError as err:

@@ -56,7 +56,7 @@ class TrainParams(BaseModel):
     replicas: int = Field(1, ge=1, le=16, description="Replica groups, each --workers ranks on the same data and state (workers used: workers x replicas + spares).")
     replica_policy: Literal["first", "vote"] = Field("first", description="first: the first replica group to finish a group wins; vote: replicas compare state hashes (silent data corruption).")
     vote_every: int | None = Field(None, ge=1, description="With --replica-policy vote: also vote every K steps inside a group (default: at checkpoints and group ends).")
-    async_save: bool = Field(False, description="Checkpoints stop training only for a snapshot; hashing, writing and the commit run in the background (one save in flight; epoch ends and the run's last checkpoint commit in line).")
+    async_save: bool | Literal["auto"] = Field("auto", description="true: checkpoints stop training only for a snapshot; hashing, writing and the commit run in the background (one save in flight; epoch ends, group ends of data-parallel ranks and the run's last checkpoint commit in line). false: in line. auto: in the background where a GPU trains (the CPU cores are free to hash and write), in line on CPU workers, whose cores all train.")
     incremental_saves: bool = Field(False, description="A checkpoint chunk equal to the previous checkpoint's is hard-linked (local) or copied server-side, not written again: frozen layers cost nothing. One file is shared by at most keep - 1 checkpoints (at least 2), so bit rot in one file always leaves a kept checkpoint whole.")
     retries: int = Field(2, ge=0, le=20, description="Retries of a failed batch group.")
     hang_timeout: str = Field("5m", description="A batch group silent this long is hung: its worker is restarted.")
@@ -105,7 +105,7 @@ class TrainParams(BaseModel):
             raise ValueError("--replica-policy needs --replicas >= 2")
         if "vote_every" in given and self.replica_policy != "vote":
             raise ValueError("--vote-every needs --replica-policy vote")
-        if self.async_save and self.replicas > 1:
+        if self.async_save is True and self.replicas > 1:
             raise ValueError("--async-save is not supported with --replicas above 1 yet: which "
                              "replica writes is decided at each checkpoint, in line")
         if self.chaos and "perturb-replica" in self.chaos and self.workers < 2 and \

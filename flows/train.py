@@ -473,7 +473,8 @@ def _train_holding(params: TrainParams, plan: RunPlan, started: float,
     breakdown = _tell_the_truth(tally, started, ended)
     summary = build_summary(tally, status, reason, ended - started)
     summary.update(workers=params.workers, replicas=params.replicas,
-                   spares=params.spares if params.standby == "hot" else 0)
+                   spares=params.spares if params.standby == "hot" else 0,
+                   async_save=plan.run.async_save)
     if params.reshard:
         summary["resharded"] = ("continued on --workers "
                                 f"{params.workers} from another N: not bit-exact")

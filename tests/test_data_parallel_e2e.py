@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import zarr
 
+from flows.cluster import cuda_available
 from storage import open_store
 from tests.cli_helpers import (
     ROOT,
@@ -275,6 +276,8 @@ def test_async_saves_under_data_parallelism_end_in_the_same_state(
     assert done.returncode == 0, done.stderr[-3000:]
     assert summary["failures"] == []
     assert summary["state_hash"] == dp_reference["state_hash"]
+    # The reference ran on the default, auto: in line on CPU workers, in the background on GPUs.
+    assert summary["async_save"] is True and dp_reference["async_save"] is cuda_available()
     store = workdir / "store"
     assert committed_steps(store, "dp-async") == committed_steps(store, "dp-ref")
     # Every checkpoint inside a group (groups of 10, one every 5) was written by both ranks in

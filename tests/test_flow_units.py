@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from flows.params import TrainParams, parse_duration_s
-from flows.plan import make_groups, young_daly_interval
+from flows.plan import background_saves, make_groups, young_daly_interval
 from tasks.chaos import ChaosEvent, parse_chaos
 
 
@@ -91,3 +91,24 @@ def test_a_dropped_warm_trainer_stays_dropped() -> None:
     fresh = cache.WarmTrainer(key, trainer=object(), at_ref=None)  # type: ignore[arg-type]
     cache.put_warm(fresh)
     assert cache.take_warm(key) is fresh
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    ([], "auto"), (["--async-save"], True), (["--async-save", "on"], True),
+    (["--async-save", "off"], False), (["--async-save", "auto"], "auto"),
+])
+def test_async_save_takes_on_off_and_auto(argv: list[str], expected: bool | str) -> None:
+    from flows.cli import parse_params
+
+    params, _ = parse_params(argv)
+    assert params.async_save == expected and type(params.async_save) is type(expected)
+
+
+def test_async_save_auto_is_on_where_a_gpu_trains_and_off_on_cpu_workers() -> None:
+    # A CPU worker's cores all train: a background save there costs the steps it overlaps
+    # more than an in-line save stalls them (README, "Saves off the training path").
+    assert background_saves(TrainParams(device="cpu")) is False
+    assert background_saves(TrainParams(device="cuda")) is True
+    assert background_saves(TrainParams(device="cuda", replicas=2)) is False
+    assert background_saves(TrainParams(device="cpu", async_save=True)) is True
+    assert background_saves(TrainParams(device="cuda", async_save=False)) is False
