@@ -11,7 +11,12 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from tasks.rank_jobs import RankJob
+from tasks.rank_jobs import PeerLost, RankJob
+from tasks.train_batch_group import quiet_one_line_failures
+
+# A lost peer is an expected event the flow recovers from, and its message names the step and
+# the failed collective: its traceback (the all_reduce inside the step) tells nobody anything.
+quiet_one_line_failures(PeerLost)
 
 
 @task(
