@@ -10,11 +10,27 @@ at normal priority without needing the privilege to raise it back.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
 from tasks.priority import BOOT_PRIORITY_ENV, run_at_low_priority
+
+
+class OneLineHeartbeatFailure(logging.Filter):
+    """A worker's heartbeat that meets a closed scheduler is logged in one line, without its
+    traceback: at the end of a run (above all a failed one, which closes the cluster at once)
+    the scheduler may close before its workers hear of it, and a lost scheduler mid-run is
+    reported by the flow in one line of its own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Failed to communicate with scheduler during heartbeat"):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("distributed.worker").addFilter(OneLineHeartbeatFailure())
 
 
 def _boot() -> None:
