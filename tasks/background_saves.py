@@ -91,17 +91,54 @@ class StepDrag:
         return max(0.0, sum(self._busy) - baseline * len(self._busy))
 
 
-class GroupSaves:
+class BackgroundCommits:
+    """The training thread's side of this worker's saver: each call raises a background failure
+    as the store raised it, and hands every commit finished meanwhile to ``on_commit``."""
+
+    def __init__(self, on_commit: Callable[[CheckpointRef, SaveStats], None],
+                 done: deque[tuple[CheckpointRef, SaveStats]]) -> None:
+        self._on_commit = on_commit
+        self._saver = worker_saver()
+        self._done = done
+        """Filled by the background thread, emptied by ``record`` on the training thread."""
+
+    def _through(self, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except BackgroundSaveError as err:
+            raise as_raised(err) from None
+        finally:
+            self.record()
+
+    def _settle_in_flight(self) -> float:
+        t0 = time.perf_counter()
+        self._through(self._saver.wait)
+        return time.perf_counter() - t0
+
+    def record(self) -> None:
+        """Hand every save committed since the last look to ``on_commit`` (training thread)."""
+        while self._done:
+            self._on_commit(*self._done.popleft())
+
+    @property
+    def busy(self) -> bool:
+        """Whether a save is in flight."""
+        return self._saver.busy
+
+    def poll(self) -> None:
+        """Raise a background failure as soon as it is known; record finished saves."""
+        self._through(self._saver.poll)
+
+
+class GroupSaves(BackgroundCommits):
     """One group's background checkpoints."""
 
     def __init__(self, store: CheckpointStore, job: GroupJob, result: GroupResult,
                  on_commit: Callable[[CheckpointRef, SaveStats], None]) -> None:
+        super().__init__(on_commit, _committed)
         self._store = store
         self._job = job
         self._result = result
-        self._on_commit = on_commit
-        self._saver = worker_saver()
-        self._done = _committed
         settle_previous()
         self.record()  # the previous group's end, committed since it returned
 
@@ -145,36 +182,6 @@ class GroupSaves:
             _pending_end = step
         return stall
 
-    def _through(self, call: Callable[[], T]) -> T:
-        """A saver call on the training thread: a background failure is raised as the store
-        raised it, and every save finished meanwhile is recorded."""
-        try:
-            return call()
-        except BackgroundSaveError as err:
-            raise as_raised(err) from None
-        finally:
-            self.record()
-
-    def _settle_in_flight(self) -> float:
-        t0 = time.perf_counter()
-        self._through(self._saver.wait)
-        return time.perf_counter() - t0
-
-    def record(self) -> None:
-        """Hand every save committed since the last look to ``on_commit`` (training thread)."""
-        while self._done:
-            ref, stats = self._done.popleft()
-            self._on_commit(ref, stats)
-
-    @property
-    def busy(self) -> bool:
-        """Whether a save is in flight."""
-        return self._saver.busy
-
-    def poll(self) -> None:
-        """Raise a background failure as soon as it is known; record finished saves."""
-        self._through(self._saver.poll)
-
     def wait(self) -> float:
         """Wait for the save in flight (stall); raise its failure."""
         waited = self._settle_in_flight()
@@ -188,4 +195,5 @@ def as_raised(err: BackgroundSaveError) -> BaseException:
     return cause if isinstance(cause, Exception) else err
 
 
-__all__ = ["GroupSaves", "StepDrag", "as_raised", "settle_previous", "worker_saver"]
+__all__ = ["BackgroundCommits", "GroupSaves", "StepDrag", "as_raised", "settle_previous",
+           "worker_saver"]

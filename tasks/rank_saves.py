@@ -26,11 +26,10 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 from storage import CheckpointRef, ShareReceipt
-from storage.async_save import BackgroundSaveError
 from storage.faults import ENV as STORAGE_FAULT_ENV
 from storage.hashing import state_hash
 from storage.store import CheckpointStore, SaveStats
-from tasks.background_saves import as_raised, settle_previous, worker_saver
+from tasks.background_saves import BackgroundCommits, settle_previous
 from tasks.worker_cache import WarmTrainer
 from training.rendezvous import CollectiveError
 
@@ -76,7 +75,7 @@ def await_receipts(board: Board, step: int, world_size: int, cancel: threading.E
     return [ShareReceipt.from_json(board.get(k)) for k in keys]
 
 
-class RankSaves:
+class RankSaves(BackgroundCommits):
     """One rank's background checkpoints inside one group (at most one in flight)."""
 
     def __init__(self, store: CheckpointStore, *, run_id: str, rank: int, world_size: int,
@@ -88,10 +87,9 @@ class RankSaves:
         self._store = store
         self._run_id, self._rank, self._world_size = run_id, rank, world_size
         self._session, self._board, self._timeout = session, board, timeout
-        self._commit, self._on_commit = commit, on_commit
+        super().__init__(on_commit, deque())
+        self._commit = commit
         self._gather_hashes, self._disagree = gather_hashes, disagree
-        self._saver = worker_saver()
-        self._done: deque[tuple[CheckpointRef, SaveStats]] = deque()
         self._cancel = threading.Event()
         self.bytes_written = 0
         self.bytes_reused = 0
@@ -104,7 +102,7 @@ class RankSaves:
         Returns the seconds training stood still. ``before`` runs once the previous save has
         ended (a fault armed for this save must not strike that one)."""
         t0 = time.perf_counter()
-        self._through(self._saver.wait)
+        self._settle_in_flight()
         before()
         trainer = warm.trainer
         tensors, meta = trainer.capture(extra)
@@ -140,34 +138,9 @@ class RankSaves:
 
         return write
 
-    def _through(self, call: Callable[[], Any]) -> Any:
-        """A saver call on the training thread: a background failure is raised as the store
-        (or the receipt exchange) raised it; commits finished meanwhile are recorded."""
-        try:
-            return call()
-        except BackgroundSaveError as err:
-            raise as_raised(err) from None
-        finally:
-            self.record()
-
-    def record(self) -> None:
-        """Hand every commit finished since the last look to ``on_commit`` (training thread)."""
-        while self._done:
-            self._on_commit(*self._done.popleft())
-
-    @property
-    def busy(self) -> bool:
-        return self._saver.busy
-
-    def poll(self) -> None:
-        """Raise a background failure as soon as it is known; record finished commits."""
-        self._through(self._saver.poll)
-
     def wait(self) -> float:
         """Wait for the save in flight (its failure is raised); returns the seconds waited."""
-        t0 = time.perf_counter()
-        self._through(self._saver.wait)
-        return time.perf_counter() - t0
+        return self._settle_in_flight()
 
     def cancel(self) -> None:
         """The attempt failed: stop waiting for receipts (the next group settles what is left)."""
