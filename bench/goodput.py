@@ -55,6 +55,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench._local_api import kept_api_stopped_after
 from bench._table import print_table, with_spread
 from bench.recovery import (
     TORCHRUN_SCRIPT,
@@ -343,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        sys.exit(main())
+        with kept_api_stopped_after():
+            status = main()
+        sys.exit(status)
     except KeyboardInterrupt:
         print("bench.goodput: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench._local_api import kept_api_stopped_after
 from bench._table import print_table, with_spread
 from storage import open_store
 
@@ -191,4 +192,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     # SIGTERM unwinds like an exception, so the finally blocks stop the contender's processes.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    sys.exit(main())
+    with kept_api_stopped_after():
+        status = main()
+    sys.exit(status)

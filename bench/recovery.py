@@ -84,6 +84,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bench._local_api import kept_api_stopped_after
 from bench._table import print_table, with_spread
 
 if TYPE_CHECKING:
@@ -530,7 +531,9 @@ if __name__ == "__main__":
     # SIGTERM unwinds like an exception, so the finally blocks stop the contenders' processes.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        sys.exit(main())
+        with kept_api_stopped_after():
+            status = main()
+        sys.exit(status)
     except KeyboardInterrupt:
         # Every contender's process group was already stopped on the way out (finally blocks).
         print("bench.recovery: interrupted", file=sys.stderr)

@@ -303,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     # of start-up apiece); none when PREFECT_API_URL is set already (a real server, the tests').
     from flows.prefect_env import local_prefect_server, prepare_environment
 
-    port = prepare_environment()
-    with local_prefect_server(port), contextlib.ExitStack() as stack:
+    api = prepare_environment(keep_api=False)  # the bench stops what it starts
+    with local_prefect_server(api), contextlib.ExitStack() as stack:
         tmp = args.workdir or stack.enter_context(
             tempfile.TemporaryDirectory(prefix="rebound-bench-redundancy-"))
         results = _run_rounds(args, Path(tmp))

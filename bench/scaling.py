@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench._local_api import kept_api_stopped_after
 from bench._table import print_table, with_spread
 from bench.recovery import BenchError, _process, _wait
 
@@ -253,7 +254,9 @@ if __name__ == "__main__":
         sys.exit(0)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        sys.exit(main())
+        with kept_api_stopped_after():
+            status = main()
+        sys.exit(status)
     except KeyboardInterrupt:
         print("bench.scaling: interrupted", file=sys.stderr)
         sys.exit(130)

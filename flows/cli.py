@@ -178,17 +178,18 @@ def parse_params(argv: list[str] | None) -> tuple[Any, argparse.Namespace]:
         raise SystemExit(EXIT_USAGE) from None
 
 
-def main(argv: list[str] | None = None, server_port: int | None = None,
+def main(argv: list[str] | None = None, local_api: Any = None,
          started: float | None = None, server: Any = None) -> int:
-    """Run the CLI; returns the exit status. ``started``: when the command began (default:
-    now), so that the summary's start-up counts the imports before this call. ``server``: the
-    Prefect server on ``server_port``, already starting in the background
+    """Run the CLI; returns the exit status. ``local_api``: what
+    flows.prefect_env.prepare_environment returned. ``started``: when the command began
+    (default: now), so that the summary's start-up counts the imports before this call.
+    ``server``: that API, already starting in the background
     (flows.prefect_env.ServerInBackground; default: started here once the run may go ahead);
-    stopped before this returns."""
+    a server of the run's own is stopped before this returns, a kept one is left running."""
     started = time.time() if started is None else started
     from flows.prefect_env import ServerInBackground
 
-    server = server or ServerInBackground(server_port)
+    server = server or ServerInBackground(local_api)
     with server:
         return _main(argv, server, started)
 
@@ -295,6 +296,17 @@ def _run(params: Any, plan: Any, server: Any, started: float, show_progress: boo
     else:
         restamp_wall(summary, time.time() - started)  # the server and cluster start-up count
     print_summary(Console(), summary)
+    _say_kept_api(getattr(server, "api", None))
     if params.summary_json:
         write_summary_json(summary, params.summary_json)
     return status
+
+
+def _say_kept_api(api: Any) -> None:
+    """Tell the user once, when it started, that the API outlives the run, and how not to."""
+    if api is None or not api.kept or not api.started_here:
+        return
+    idle = f"{api.idle_s / 60:g} min" if api.idle_s >= 60 else f"{api.idle_s:g} s"
+    sys.stderr.write(f"note: the Prefect API at {api.url} (pid {api.pid}) stays up for later "
+                     f"runs until {idle} pass without one (REBOUND_API_IDLE; 0: stop it with "
+                     "each run)\n")

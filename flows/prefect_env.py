@@ -1,8 +1,10 @@
 """One Prefect API for the flow process and every Dask worker it starts.
 
 With no PREFECT_API_URL, Prefect would start a temporary server in the flow process *and in each
-worker process* (STACK-NOTES: ~17 s each). So for a local run we pick the port ourselves, put the
-URL in the environment before anything spawns, then start a single server there.
+worker process* (STACK-NOTES: ~17 s each). So for a local run we find or start one server
+ourselves, put its URL in the environment before anything spawns, and everything reports there:
+the server kept between the runs of a REBOUND_HOME (flows/kept_api.py), or with
+REBOUND_API_IDLE=0 a server of the run's own, stopped with it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -19,6 +22,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
+from flows.kept_api import BadIdleSetting, LocalApi, claim, idle_s_from_env
 from flows.versions import UnsupportedVersion, check_versions
 
 SERVER_STARTUP_TIMEOUT = timedelta(seconds=120)
@@ -36,11 +40,15 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def prepare_environment() -> int | None:
-    """Set Prefect's environment for this process and its children; returns a port to serve on.
+def prepare_environment(keep_api: bool = True) -> LocalApi | None:
+    """Set Prefect's environment for this process and its children; returns the local API to
+    use, or None when PREFECT_API_URL is already set (a real server, or a test harness): then
+    nothing is started.
 
-    Must run before `import prefect`. Returns None when PREFECT_API_URL is already set (a real
-    server, or a test harness): then nothing is started.
+    keep_api: reuse the server kept for REBOUND_HOME between runs, starting it if none runs
+    (flows/kept_api.py; REBOUND_API_IDLE=0 turns that off); False: a server of this process's
+    own, stopped with it (benches that start one for all their runs). Must run before
+    `import prefect`.
     """
     try:
         check_versions()
@@ -58,12 +66,21 @@ def prepare_environment() -> int | None:
     os.environ.setdefault("DASK_TEMPORARY_DIRECTORY", str(home / "dask"))
     if os.environ.get("PREFECT_API_URL"):
         return None
-    # Our own throwaway server: keep its INFO chatter out of the terminal (the progress bar and
-    # the summary say what happened). A user's PREFECT_LOGGING_LEVEL still wins.
+    # Our own server: keep its INFO chatter out of the terminal (the progress bar and the
+    # summary say what happened). A user's PREFECT_LOGGING_LEVEL still wins.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    port = _free_port()
-    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-    return port
+    try:
+        idle_s = idle_s_from_env() if keep_api else 0.0
+    except BadIdleSetting as err:  # bad usage: exit 2, one line, nothing started
+        sys.stderr.write(f"error: {err}\n")
+        raise SystemExit(2) from None
+    if idle_s > 0:
+        api = claim(Path(os.environ["PREFECT_HOME"]).expanduser(), idle_s, _free_port,
+                    _server_env)
+    else:
+        api = LocalApi(_free_port(), kept=False)
+    os.environ["PREFECT_API_URL"] = api.url
+    return api
 
 
 def die_with_parent() -> None:
@@ -105,14 +122,17 @@ def _server_env() -> dict[str, str]:
             "PREFECT__SERVER_FINAL": "1"}
 
 
-def _wait_healthy(process: subprocess.Popen, port: int, timeout: timedelta) -> None:
-    """Return once the API answers /health; RuntimeError (one line) when it never does."""
+def _wait_healthy(exit_status: Callable[[], int | None], port: int,
+                  timeout: timedelta) -> None:
+    """Return once the API answers /health; RuntimeError (one line) when it never does, or
+    when exit_status() says the server has exited."""
     url = f"http://127.0.0.1:{port}/api/health"
     deadline = time.monotonic() + timeout.total_seconds()
     while time.monotonic() < deadline:
-        if process.poll() is not None:
+        status = exit_status()
+        if status is not None:
             raise RuntimeError(f"the Prefect server on port {port} exited with status "
-                               f"{process.returncode} while starting")
+                               f"{status} while starting")
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
@@ -125,17 +145,23 @@ def _wait_healthy(process: subprocess.Popen, port: int, timeout: timedelta) -> N
 
 
 @contextmanager
-def local_prefect_server(port: int | None) -> Iterator[None]:
-    """Serve the Prefect API on 127.0.0.1:port for the duration (no-op when port is None)."""
-    if port is None:
+def local_prefect_server(api: LocalApi | None) -> Iterator[None]:
+    """The Prefect API on 127.0.0.1 for the duration: a kept server is waited for and left
+    running; a server of this process's own is started and stopped (no-op when api is None)."""
+    if api is None:
         yield
         return
+    if api.kept:
+        _wait_healthy(api.exit_status, api.port, SERVER_STARTUP_TIMEOUT)
+        yield
+        return
+    port = api.port
     # Our own child process rather than a subclass of Prefect's private SubprocessASGIServer:
     # the parent-death signal needs preexec_fn, and a private hook can change in any release.
     process = subprocess.Popen(_uvicorn_command(port), env=_server_env(),
                                preexec_fn=die_with_parent)
     try:
-        _wait_healthy(process, port, SERVER_STARTUP_TIMEOUT)
+        _wait_healthy(process.poll, port, SERVER_STARTUP_TIMEOUT)
         yield
     finally:
         process.terminate()
@@ -155,8 +181,9 @@ class ServerInBackground:
     for the run); leaving it stops the server.
     """
 
-    def __init__(self, port: int | None) -> None:
-        self._cm = local_prefect_server(port)
+    def __init__(self, api: LocalApi | None) -> None:
+        self.api = api
+        self._cm = local_prefect_server(api)
         self._error: BaseException | None = None
         self._up = threading.Event()
         self._stop = threading.Event()

@@ -14,14 +14,14 @@ if __name__ == "__main__":
     # Prefect reads its settings from the environment when imported: set them first.
     from flows.prefect_env import prepare_environment
 
-    _SERVER_PORT = prepare_environment()
+    _LOCAL_API = prepare_environment()
     from flows.cli import parse_params
     from flows.prefect_env import ServerInBackground
     from flows.worker_forkserver import start_worker_forkserver
 
     _PARAMS, _ = parse_params(None)  # --help and bad usage end here, before anything starts
     # Both take seconds of their own CPU: started now, they overlap the imports below.
-    _SERVER = ServerInBackground(_SERVER_PORT)
+    _SERVER = ServerInBackground(_LOCAL_API)
     _SERVER.__enter__()  # left in flows.cli.main, on every way out
     if _PARAMS.cluster is None:  # else the cluster's own workers train: none to start
         start_worker_forkserver()
@@ -512,4 +512,4 @@ quiet_one_line_failures(RunFailed, InfrastructureError)
 if __name__ == "__main__":
     from flows.cli import main
 
-    sys.exit(main(server_port=_SERVER_PORT, started=_STARTED, server=_SERVER))
+    sys.exit(main(local_api=_LOCAL_API, started=_STARTED, server=_SERVER))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from distributed import LocalCluster
 
+from flows.kept_api import stop_kept_server
 from tests.cli_helpers import ROOT, cli_args, kill_group, run_cli, start_cli
 
 HOME_WARNING = "Failed to create the Prefect home directory"
@@ -101,7 +102,8 @@ def test_first_run_on_a_fresh_clone_prints_no_prefect_home_warning(tmp_path: Pat
     try:
         _, err = proc.communicate(timeout=240)
     finally:
-        kill_group(proc)  # the run's server and workers, by process group
+        kill_group(proc)  # the run's workers, by process group
+        stop_kept_server(home / "prefect")  # the API kept for later runs, by its PID
     assert proc.returncode == 0, err[-3000:]
     assert HOME_WARNING not in err
     assert (home / "prefect").is_dir()

@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     # Prefect reads its settings when imported: set them before anything imports it.
     from flows.prefect_env import prepare_environment
 
-    server_port = prepare_environment()
+    local_api = prepare_environment()
     from flows.cli import main as cli_main
     from flows.cli import parse_params
     from flows.cluster import MANAGERS
@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
     try:
         cluster.scale(local_cluster_size(params))
         MANAGERS[address] = cluster
-        return cli_main([*flow_argv, "--cluster", address], server_port=server_port)
+        return cli_main([*flow_argv, "--cluster", address], local_api=local_api)
     finally:
         MANAGERS.pop(address, None)
         cluster.close(timeout=60)

@@ -1,0 +1,201 @@
+"""One local Prefect API shared by the runs of a REBOUND_HOME, kept between them while they come.
+
+Starting Prefect's server costs ~7 s of one core here, nearly all of it importing the server
+(`prefect.server.api.server`: 5-7 s), paid again by every run that starts its own. So the first
+run starts `python -m flows.api_server` detached, records it in PREFECT_HOME/api.json, and
+later runs reuse it; it exits by itself after REBOUND_API_IDLE (default 10m) without a run.
+
+Reuse is safe because:
+- every run is its own flow run, as with `prefect server start`, and one server on the SQLite
+  file is what two runs at once should share anyway (two servers would both write it);
+- a run reuses only a server this home's runs started (its PID alive, its command line ours),
+  under the same Prefect version, Python and PREFECT_* settings; anything else gets a server of
+  its own that stops with it, as with REBOUND_API_IDLE=0;
+- a run holds a shared flock on PREFECT_HOME/api.users from before it looks until it exits
+  (SIGKILL included: the kernel drops the lock), and the server leaves only while it holds the
+  exclusive lock: it can never go away under a run, nor between a run's look and its use;
+- discovery and start-up are serialised by PREFECT_HOME/api.lock: two runs at once start one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IDLE_ENV = "REBOUND_API_IDLE"
+DEFAULT_IDLE_S = 600.0
+RECORD, USERS, START_LOCK, LOG = "api.json", "api.users", "api.lock", "api.log"
+
+_USERS_FD: list[int] = []
+"""This process's shared lock on the users file, held until it exits."""
+
+
+class BadIdleSetting(ValueError):
+    """REBOUND_API_IDLE is not a duration."""
+
+
+def idle_s_from_env() -> float:
+    """REBOUND_API_IDLE in seconds: '10m', '90s', '600'; '0' stops the server with each run."""
+    text = os.environ.get(IDLE_ENV, "").strip()
+    if not text:
+        return DEFAULT_IDLE_S
+    if text in ("0", "0s"):
+        return 0.0
+    from flows.params import parse_duration_s
+
+    try:
+        return parse_duration_s(text)
+    except ValueError:
+        raise BadIdleSetting(f"{IDLE_ENV}={text!r} is not a duration such as 10m, 90s or 0 "
+                             "(0: no server kept between runs)") from None
+
+
+@dataclass
+class LocalApi:
+    """The Prefect API a local run talks to, on 127.0.0.1:port."""
+
+    port: int
+    kept: bool
+    """True: flows.api_server, outliving this run; False: a child of this process."""
+    started_here: bool = True
+    pid: int | None = None
+    idle_s: float = 0.0
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def exit_status(self) -> int | None:
+        """The kept server's exit status once it has gone (-1 when not our child), else None."""
+        if self.process is not None:
+            return self.process.poll()
+        return None if self.pid is not None and _pid_alive(self.pid) else -1
+
+
+def settings_key() -> str:
+    """What a server is started with that a run relies on: Prefect's version, the interpreter
+    and every PREFECT_* setting except the client's own (URL, logging)."""
+    prefect = {k: v for k, v in os.environ.items()
+               if k.startswith("PREFECT_") and k != "PREFECT_API_URL"
+               and not k.startswith("PREFECT_LOGGING_")}
+    payload = {"prefect": importlib.metadata.version("prefect"), "python": sys.executable,
+               "settings": sorted(prefect.items())}
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:32]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):  # a zombie is gone for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def _is_our_server(record: dict) -> bool:
+    """The record's PID is alive and runs flows.api_server on the record's port (a PID the
+    system gave to another process since is not ours)."""
+    pid, port = int(record["pid"]), int(record["port"])
+    if not _pid_alive(pid):
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return sys.platform != "linux"  # no /proc: trust the live PID
+    return b"flows.api_server" in argv and str(port).encode() in argv
+
+
+def read_record(folder: Path) -> dict | None:
+    """The kept server's record in PREFECT_HOME when it names a live server of ours."""
+    try:
+        record = json.loads((folder / RECORD).read_text())
+        return record if _is_our_server(record) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+@contextlib.contextmanager
+def _locked(path: Path, how: int) -> Iterator[int]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, how)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _spawn(folder: Path, port: int, idle_s: float, env: dict[str, str]) -> subprocess.Popen:
+    log = open(folder / LOG, "ab")  # noqa: SIM115 - the child holds it; ours closes below
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "flows.api_server", "--port", str(port), "--idle-s",
+             str(idle_s), "--users", str(folder / USERS), "--record", str(folder / RECORD)],
+            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # not in the run's process group: it outlives the run
+            cwd=Path(__file__).resolve().parents[1])
+    finally:
+        log.close()
+
+
+def claim(folder: Path, idle_s: float, free_port: Callable[[], int],
+          server_env: Callable[[], dict[str, str]]) -> LocalApi:
+    """This process's API: the kept server of `folder` (PREFECT_HOME), started now if none
+    runs. Holds this process's use of it until exit. Must run before `import prefect`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not _USERS_FD:
+        fd = os.open(folder / USERS, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # waits out a server that is leaving
+        _USERS_FD.append(fd)
+    key = settings_key()
+    with _locked(folder / START_LOCK, fcntl.LOCK_EX):
+        record = read_record(folder)
+        if record is not None:
+            if record.get("key") == key:
+                return LocalApi(int(record["port"]), kept=True, started_here=False,
+                                pid=int(record["pid"]), idle_s=float(record["idle_s"]))
+            sys.stderr.write(f"note: the Prefect API kept at {record['url']} (pid "
+                             f"{record['pid']}) runs another Prefect version or settings; "
+                             "this run starts its own\n")
+            return LocalApi(free_port(), kept=False)
+        port = free_port()
+        process = _spawn(folder, port, idle_s, server_env())
+        record = {"pid": process.pid, "port": port, "url": f"http://127.0.0.1:{port}/api",
+                  "key": key, "idle_s": idle_s, "prefect": importlib.metadata.version("prefect"),
+                  "python": sys.executable, "started_unix": time.time()}
+        tmp = folder / f"{RECORD}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, folder / RECORD)
+        return LocalApi(port, kept=True, started_here=True, pid=process.pid, idle_s=idle_s,
+                        process=process)
+
+
+def stop_kept_server(folder: Path, timeout_s: float = 30.0) -> int | None:
+    """SIGTERM the kept server of `folder` (PREFECT_HOME) by its PID and wait for it to exit;
+    its PID, or None when none runs. For benches and tests, which stop what they start."""
+    record = read_record(folder)
+    if record is None:
+        return None
+    pid = int(record["pid"])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while _pid_alive(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            deadline += timeout_s
+        time.sleep(0.05)  # polling: a process that is not our child cannot be waited for
+    return pid  # its record went with it (flows.api_server), or names a dead PID: ignored
