@@ -45,7 +45,8 @@ OPTION_HELP = {
                   "(epoch ends, data-parallel group ends and the run's last checkpoint commit "
                   "in line); off: in line; auto (default): on where a GPU trains, off on CPU "
                   "workers, whose cores all train (a background save slows their steps more "
-                  "than an in-line save stalls them). Not with --replicas >= 2",
+                  "than an in-line save stalls them). With --replicas, the replica that writes "
+                  "saves in the background and the others go on training",
     "incremental_saves": "a checkpoint chunk equal to the previous checkpoint's is linked "
                          "(local disk) or copied server-side, not written again: frozen layers "
                          "cost nothing. One file is shared by at most --keep minus 1 checkpoints "

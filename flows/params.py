@@ -105,9 +105,6 @@ class TrainParams(BaseModel):
             raise ValueError("--replica-policy needs --replicas >= 2")
         if "vote_every" in given and self.replica_policy != "vote":
             raise ValueError("--vote-every needs --replica-policy vote")
-        if self.async_save is True and self.replicas > 1:
-            raise ValueError("--async-save is not supported with --replicas above 1 yet: which "
-                             "replica writes is decided at each checkpoint, in line")
         if self.chaos and "perturb-replica" in self.chaos and self.workers < 2 and \
                 self.replicas < 2:
             raise ValueError("--chaos perturb-replica needs --replicas >= 2 or --workers >= 2 "

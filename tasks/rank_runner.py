@@ -371,29 +371,46 @@ def _checkpoint(store: CheckpointStore, job: RankJob, group: RankGroup, warm: Wa
 def _background_saves(store: CheckpointStore, job: RankJob, group: RankGroup,
                       result: RankResult,
                       on_commit: Callable[[CheckpointRef, SaveStats], None]) -> RankSaves | None:
-    """This rank's background saves for the group (None without --async-save). Replica groups
-    save in line: which replica writes is decided at each checkpoint (tasks/replica_board.py)."""
+    """This rank's background saves for the group (None without --async-save). With replica
+    groups only the writing replica saves a checkpoint inside the group (`_writes_now`), and
+    tells the others what it committed, as an in-line save does."""
     g = job.group
     run = g.run
-    if not run.async_save or job.replicas > 1:
+    if not run.async_save:
         return None
     session = Rendezvous.from_dict(job.rendezvous).namespace
+    if job.replicas > 1:
+        session = f"{session}-r{job.replica}"  # as _save_shared: never mixed with another's
 
     def commit(step: int, receipts: list[ShareReceipt],
                meta: dict[str, Any]) -> tuple[CheckpointRef, SaveStats]:
         ref = store.commit_shares(run.run_id, step, receipts, meta, session=session,
                                   lease_epoch=run.lease_epoch)
         stats = store.last_save_stats or SaveStats()
+        if job.replicas > 1:
+            announce_commit(group, step, ref.to_dict())
         store.gc(run.run_id, keep_last=run.keep_last, protect=g.protect_steps,
                  just_committed=ref)
         return ref, stats
 
     saves = RankSaves(store, run_id=run.run_id, rank=group.rank, world_size=group.world_size,
                       session=session, board=group.board, timeout=group.rdv.timeout,
-                      commit=commit, on_commit=on_commit, gather_hashes=group.all_gather_text,
-                      disagree=RanksDisagree)
+                      replica=job.replica, commit=commit, on_commit=on_commit,
+                      gather_hashes=group.all_gather_text, disagree=RanksDisagree)
     result.ckpt_s += saves.waited_at_start_s
     return saves
+
+
+def _writes_now(job: RankJob, group: RankGroup) -> bool:
+    """Whether this replica writes the checkpoint inside the group at this step: the lowest
+    replica not dropped. Its ranks may see a drop at different moments, so they agree first
+    (drops only ever raise the writer: the highest view is the newest); every replica asks,
+    and the others go on training: nobody waits for a save inside the group."""
+    if job.replicas < 2:
+        return True
+    views = group.all_gather_text(str(writer(group)))
+    newest = max((int(v) for v in views if v != "None"), default=None)
+    return newest == job.replica
 
 
 def _recompute(job: RankJob, store: CheckpointStore, group: RankGroup,
@@ -532,13 +549,14 @@ def run_rank(job: RankJob) -> RankResult:
             save_s = 0.0
             if saves is not None and trainer.step % g.ckpt_every == 0 and \
                     trainer.step < g.last_step:
-                save_s = saves.submit(
-                    warm, {"productive_s": productive_s, "train_loss": step_result.loss},
-                    {"config_hash": run.config_hash, "workers": group.world_size},
-                    before=lambda at=trainer.step: _arm_kill_during_save(job, store, at))
+                if _writes_now(job, group):
+                    save_s = saves.submit(
+                        warm, {"productive_s": productive_s, "train_loss": step_result.loss},
+                        {"config_hash": run.config_hash, "workers": group.world_size},
+                        before=lambda at=trainer.step: _arm_kill_during_save(job, store, at))
+                    result.background_saves += 1
                 result.ckpt_s += save_s
                 result.background_stall_s += save_s
-                result.background_saves += 1
             elif trainer.step % g.ckpt_every == 0 or trainer.step == g.last_step:
                 if saves is not None:
                     # Committed in order: the group's end comes after the save in flight.

@@ -50,20 +50,21 @@ class SaveCancelled(RuntimeError):
     """The attempt that started this save failed: its commit is not waited for any more."""
 
 
-def receipt_key(step: int, rank: int) -> str:
-    return f"share/{step}/{rank}"
+def receipt_key(step: int, rank: int, replica: int = 0) -> str:
+    # Replica groups share one board (tasks/replica_board.py): each posts its own receipts.
+    return f"share/{step}/{rank}" if replica == 0 else f"share/{step}/{rank}-r{replica}"
 
 
 def await_receipts(board: Board, step: int, world_size: int, cancel: threading.Event,
-                   timeout: timedelta) -> list[ShareReceipt]:
-    """Every rank's receipt of `step` from the board, in rank order.
+                   timeout: timedelta, replica: int = 0) -> list[ShareReceipt]:
+    """Every rank's receipt of `step` (of one replica group) from the board, in rank order.
 
     Raises:
         SaveCancelled: the attempt gave up first.
         CollectiveError: a rank posted none within the collective timeout (it is lost: its
             training thread has failed, or hangs, by now).
     """
-    keys = [receipt_key(step, r) for r in range(world_size)]
+    keys = [receipt_key(step, r, replica) for r in range(world_size)]
     deadline = time.monotonic() + timeout.total_seconds()
     while not board.check(keys):
         if cancel.wait(RECEIPT_POLL_S):
@@ -79,7 +80,7 @@ class RankSaves(BackgroundCommits):
     """One rank's background checkpoints inside one group (at most one in flight)."""
 
     def __init__(self, store: CheckpointStore, *, run_id: str, rank: int, world_size: int,
-                 session: str, board: Board, timeout: timedelta,
+                 session: str, board: Board, timeout: timedelta, replica: int = 0,
                  commit: Callable[[int, list[ShareReceipt], dict[str, Any]], tuple[CheckpointRef, SaveStats]],
                  on_commit: Callable[[CheckpointRef, SaveStats], None],
                  gather_hashes: Callable[[str], list[str]],
@@ -87,6 +88,7 @@ class RankSaves(BackgroundCommits):
         self._store = store
         self._run_id, self._rank, self._world_size = run_id, rank, world_size
         self._session, self._board, self._timeout = session, board, timeout
+        self._replica = replica
         super().__init__(on_commit, deque())
         self._commit = commit
         self._gather_hashes, self._disagree = gather_hashes, disagree
@@ -128,10 +130,11 @@ class RankSaves(BackgroundCommits):
                 os.environ.pop(STORAGE_FAULT_ENV, None)  # an armed fault is for one save only
             self.bytes_written += receipt.bytes_written
             self.bytes_reused += receipt.bytes_reused
-            self._board.set(receipt_key(step, self._rank), receipt.to_json())
+            self._board.set(receipt_key(step, self._rank, self._replica), receipt.to_json())
             if self._rank != 0:
                 return None
-            receipts = await_receipts(self._board, step, self._world_size, cancel, self._timeout)
+            receipts = await_receipts(self._board, step, self._world_size, cancel, self._timeout,
+                                      self._replica)
             ref, stats = self._commit(step, receipts, meta)
             self._done.append((ref, stats))
             return ref

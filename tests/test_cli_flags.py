@@ -47,7 +47,6 @@ def _refused(tmp_path: Path, corpus: Path, *extra: str) -> str:
     (["--replicas", "2", "--chaos", "kill-worker@5/2.0"], ["kill-worker@5/2.0", "2 replica"]),
     (["--lease-ttl", "soon"], ["--lease-ttl", "not a duration"]),
     (["--mtbf", "2h"], ["--mtbf", "--ckpt-every auto"]),
-    (["--replicas", "2", "--async-save"], ["--async-save", "--replicas"]),
 ])
 def test_flags_that_would_do_nothing_are_refused(tmp_path: Path, corpus: Path,
                                                  extra: list[str], words: list[str]) -> None:
