@@ -38,6 +38,15 @@ class TaskStranded(RuntimeError):
     """The task waits for a worker that will never come (e.g. pinned to a dead one)."""
 
 
+WORKER_COUNT_EVERY_S = 1.0
+"""How often a supervisor counts the scheduler's workers (the every-worker-lost timeout is
+a minute)."""
+STATE_CHECK_EVERY_S = 5.0
+"""How often it asks the scheduler for its task's state when no worker was lost lately."""
+STRANDING_WINDOW_S = 30.0
+"""After a worker's removal, the task's state is asked for every 0.5 s for this long."""
+
+
 @dataclass(frozen=True)
 class Watchdog:
     hang_timeout: timedelta = timedelta(minutes=5)
@@ -204,6 +213,11 @@ class ClusterWatch:
                     f"{timeout.total_seconds():.0f} s during {what} (cluster lost)")
             time.sleep(0.1)
 
+    def lost_within(self, seconds: float) -> bool:
+        """Whether the scheduler removed a worker in the last `seconds` (as heard here)."""
+        with self._lock:
+            return any(time.time() - loss.noticed_unix < seconds for loss in self.losses)
+
     def worker_count(self) -> int:
         try:
             info = self.client.scheduler_info(n_workers=-1)
@@ -283,25 +297,34 @@ def supervise(dask_future: Any, watch: ClusterWatch, dog: Watchdog, what: str) -
     watch.touch()
     workerless_since: float | None = None
     unrunnable_since: float | None = None
-    next_state_check = 0.0
-    while not dask_future.done():
-        time.sleep(dog.poll.total_seconds())
+    next_worker_check = next_state_check = 0.0
+    # Woken the moment the task ends (the next group is submitted without a poll's delay);
+    # between, the looks below run on the poll's beat.
+    finished = threading.Event()
+    dask_future.add_done_callback(lambda _: finished.set())
+    while not finished.wait(dog.poll.total_seconds()) and not dask_future.done():
         now = time.monotonic()
         if not watch.scheduler_reachable():
             watch.ensure_scheduler(dog.scheduler_timeout, what)
             continue
-        if watch.worker_count() == 0:
-            workerless_since = workerless_since or now
-            if now - workerless_since > dog.no_worker_timeout.total_seconds():
-                raise InfrastructureError(
-                    f"every Dask worker lost for {dog.no_worker_timeout.total_seconds():.0f} s "
-                    f"during {what}")
-            continue
-        workerless_since = None
+        # Each look below is a round trip to the scheduler, which shares the coordinator's
+        # cores with training: as often as the timeouts they serve need, not every poll.
+        if workerless_since is not None or now >= next_worker_check:
+            next_worker_check = now + WORKER_COUNT_EVERY_S
+            if watch.worker_count() == 0:
+                workerless_since = workerless_since or now
+                if now - workerless_since > dog.no_worker_timeout.total_seconds():
+                    raise InfrastructureError(
+                        f"every Dask worker lost for {dog.no_worker_timeout.total_seconds():.0f}"
+                        f" s during {what}")
+                continue
+            workerless_since = None
         if now >= next_state_check:
             # Dask keeps a task pinned to a worker that died in 'no-worker' even when its
-            # restriction is loose and other workers are idle: notice, and resubmit it.
-            next_state_check = now + 0.5
+            # restriction is loose and other workers are idle: notice, and resubmit it. Only a
+            # worker's removal strands a task, so the look is frequent only after one.
+            recent_loss = watch.lost_within(STRANDING_WINDOW_S)
+            next_state_check = now + (0.5 if recent_loss else STATE_CHECK_EVERY_S)
             if watch.task_state(dask_future.key) == "no-worker":
                 unrunnable_since = unrunnable_since or now
                 if now - unrunnable_since > dog.stranded_after.total_seconds():
