@@ -36,7 +36,6 @@ from typing import Any  # noqa: E402
 import dask  # noqa: E402
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
-from prefect_dask import DaskTaskRunner  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from flows.cluster import cuda_available, local_cluster, running_workers  # noqa: E402
@@ -64,6 +63,7 @@ from flows.redundancy import Provisioner, local_cluster_size, redundancy_state  
 from flows.report import RunTally, build_summary, summary_markdown, wall_breakdown  # noqa: E402
 from flows.spares import SpareWarmer  # noqa: E402
 from flows.supervise import ClusterWatch, InfrastructureError  # noqa: E402
+from flows.task_runner import ReboundTaskRunner  # noqa: E402
 from flows.ui_artifacts import checkpoint_rows, dashboard_address  # noqa: E402
 from storage import (  # noqa: E402
     CheckpointRef,
@@ -335,7 +335,7 @@ def _train_epochs(plan: RunPlan, params: TrainParams, tally: RunTally, started: 
                 chaos_for_rank, lambda line: _say(line, "yellow"), replicas=params.replicas,
                 policy=params.replica_policy, vote_every=params.vote_every)
         _LIVE[plan.run.run_id] = (watch, tally, ranks)
-        runner = DaskTaskRunner(address=address, client_kwargs={
+        runner = ReboundTaskRunner(address=address, client_kwargs={
             "timeout": params.watchdog.scheduler_timeout.total_seconds()})
         # Hot spares: idle workers read the corpus and build the trainer before they are needed.
         warmer = SpareWarmer(watch.client, plan.run).__enter__()
