@@ -29,7 +29,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +62,15 @@ def idle_s_from_env() -> float:
 
 
 @dataclass
+class _Reservation:
+    folder: Path
+    key: str
+    lock_fd: int
+    """The start lock, held from the look that found no server until the start."""
+    server_env: Callable[[], dict[str, str]]
+
+
+@dataclass
 class LocalApi:
     """The Prefect API a local run talks to, on 127.0.0.1:port."""
 
@@ -72,10 +81,33 @@ class LocalApi:
     pid: int | None = None
     idle_s: float = 0.0
     process: subprocess.Popen | None = field(default=None, repr=False)
+    reservation: _Reservation | None = field(default=None, repr=False)
+    """Set when this process is to start the kept server: `start()` does, once the run goes
+    ahead (bad usage and --help start nothing)."""
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api"
+
+    def start(self) -> None:
+        """Start the kept server this process reserved, record it and let other runs look
+        (no-op when there is nothing to start)."""
+        reservation, self.reservation = self.reservation, None
+        if reservation is None:
+            return
+        try:
+            self.process = _spawn(reservation.folder, self.port, self.idle_s,
+                                  reservation.server_env())
+            self.pid = self.process.pid
+            record = {"pid": self.pid, "port": self.port, "url": self.url,
+                      "key": reservation.key, "idle_s": self.idle_s,
+                      "prefect": importlib.metadata.version("prefect"),
+                      "python": sys.executable, "started_unix": time.time()}
+            tmp = reservation.folder / f"{RECORD}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(record, indent=1))
+            os.replace(tmp, reservation.folder / RECORD)
+        finally:
+            os.close(reservation.lock_fd)  # other runs may look now, and find it
 
     def exit_status(self) -> int | None:
         """The kept server's exit status once it has gone (-1 when not our child), else None."""
@@ -129,16 +161,6 @@ def read_record(folder: Path) -> dict | None:
         return None
 
 
-@contextlib.contextmanager
-def _locked(path: Path, how: int) -> Iterator[int]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, how)
-        yield fd
-    finally:
-        os.close(fd)
-
-
 def _spawn(folder: Path, port: int, idle_s: float, env: dict[str, str]) -> subprocess.Popen:
     log = open(folder / LOG, "ab")  # noqa: SIM115 - the child holds it; ours closes below
     try:
@@ -154,34 +176,33 @@ def _spawn(folder: Path, port: int, idle_s: float, env: dict[str, str]) -> subpr
 
 def claim(folder: Path, idle_s: float, free_port: Callable[[], int],
           server_env: Callable[[], dict[str, str]]) -> LocalApi:
-    """This process's API: the kept server of `folder` (PREFECT_HOME), started now if none
-    runs. Holds this process's use of it until exit. Must run before `import prefect`."""
+    """This process's API: the kept server of `folder` (PREFECT_HOME), or, when none runs, a
+    port reserved for the one this process starts (`LocalApi.start`; until then other runs
+    wait to look). Holds this process's use of it until exit. Must run before
+    `import prefect`."""
     folder.mkdir(parents=True, exist_ok=True)
     if not _USERS_FD:
         fd = os.open(folder / USERS, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(fd, fcntl.LOCK_SH)  # waits out a server that is leaving
         _USERS_FD.append(fd)
     key = settings_key()
-    with _locked(folder / START_LOCK, fcntl.LOCK_EX):
+    lock_fd = os.open(folder / START_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
         record = read_record(folder)
-        if record is not None:
-            if record.get("key") == key:
-                return LocalApi(int(record["port"]), kept=True, started_here=False,
-                                pid=int(record["pid"]), idle_s=float(record["idle_s"]))
-            sys.stderr.write(f"note: the Prefect API kept at {record['url']} (pid "
-                             f"{record['pid']}) runs another Prefect version or settings; "
-                             "this run starts its own\n")
-            return LocalApi(free_port(), kept=False)
-        port = free_port()
-        process = _spawn(folder, port, idle_s, server_env())
-        record = {"pid": process.pid, "port": port, "url": f"http://127.0.0.1:{port}/api",
-                  "key": key, "idle_s": idle_s, "prefect": importlib.metadata.version("prefect"),
-                  "python": sys.executable, "started_unix": time.time()}
-        tmp = folder / f"{RECORD}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, folder / RECORD)
-        return LocalApi(port, kept=True, started_here=True, pid=process.pid, idle_s=idle_s,
-                        process=process)
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    if record is None:
+        return LocalApi(free_port(), kept=True, started_here=True, idle_s=idle_s,
+                        reservation=_Reservation(folder, key, lock_fd, server_env))
+    os.close(lock_fd)
+    if record.get("key") == key:
+        return LocalApi(int(record["port"]), kept=True, started_here=False,
+                        pid=int(record["pid"]), idle_s=float(record["idle_s"]))
+    sys.stderr.write(f"note: the Prefect API kept at {record['url']} (pid {record['pid']}) "
+                     "runs another Prefect version or settings; this run starts its own\n")
+    return LocalApi(free_port(), kept=False)
 
 
 def stop_kept_server(folder: Path, timeout_s: float = 30.0) -> int | None:

@@ -152,6 +152,7 @@ def local_prefect_server(api: LocalApi | None) -> Iterator[None]:
         yield
         return
     if api.kept:
+        api.start()  # when this run is the one to start it
         _wait_healthy(api.exit_status, api.port, SERVER_STARTUP_TIMEOUT)
         yield
         return

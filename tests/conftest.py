@@ -22,6 +22,9 @@ os.environ.setdefault("REBOUND_HOME", str(_SESSION_TMP / "rebound-home"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+# A CLI run that starts its own Prefect API stops it with itself, never leaving one behind for
+# later runs: tests stop what they start. tests/test_kept_api.py sets its own value.
+os.environ.setdefault("REBOUND_API_IDLE", "0")
 
 
 @pytest.fixture(scope="session")

@@ -164,3 +164,13 @@ def test_a_bad_idle_setting_is_refused_in_one_line(tmp_path: Path) -> None:
         "error: REBOUND_API_IDLE='soon' is not a duration such as 10m, 90s or 0 "
         "(0: no server kept between runs)"]
     assert not (tmp_path / "home" / "prefect" / RECORD).exists()
+
+
+def test_help_and_bad_usage_start_no_server(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    for argv in (["--help"], ["--lease-ttl", "soon"]):
+        done = subprocess.run([sys.executable, "-m", "flows.train", *argv], cwd=ROOT,
+                              env=_env(home, "10m"), capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == (0 if argv == ["--help"] else 2), done.stderr[-3000:]
+        assert not (home / "prefect" / RECORD).exists(), f"{argv} started a kept API"
