@@ -99,6 +99,20 @@ def read_summary(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def background_commits(store: Path, run_id: str) -> list[int]:
+    """Steps committed from a background save thread, from the attempts' records."""
+    from storage import open_store
+
+    return sorted(step for _, doc in open_store(str(store)).list_json(run_id, "attempts")
+                  for step in doc.get("background_checkpoints", []))
+
+
+def verify_store(store: Path, run_id: str) -> subprocess.CompletedProcess:
+    """`python -m storage verify STORE RUN`: every kept checkpoint read back and checked."""
+    return subprocess.run([sys.executable, "-m", "storage", "verify", str(store), run_id],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
 def tree_state(root: Path) -> dict[str, tuple[int, int]]:
     """Every file under root with its size and mtime: to show that nothing was touched."""
     return {

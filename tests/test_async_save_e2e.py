@@ -5,14 +5,21 @@ visible, and the failure is in the summary."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from storage import open_store
-from tests.cli_helpers import ROOT, STEPS, cli_args, committed_steps, read_summary, run_cli
+from tests.cli_helpers import (
+    STEPS,
+    background_commits,
+    cli_args,
+    committed_steps,
+    read_summary,
+    run_cli,
+    verify_store,
+)
 from tests.storage_helpers import small_tmpfs
 
 pytestmark = pytest.mark.slow
@@ -26,17 +33,6 @@ def _run(store: Path, corpus: Path, run_id: str, *extra: str) -> tuple[subproces
     return done, read_summary(summary_path)
 
 
-def _background(store: Path, run_id: str) -> list[int]:
-    """Steps committed by background saves, from the attempts' records."""
-    return sorted(step for _, doc in open_store(str(store)).list_json(run_id, "attempts")
-                  for step in doc.get("background_checkpoints", []))
-
-
-def _verify(store: Path, run_id: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "storage", "verify", str(store), run_id],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-
-
 def test_async_and_sync_saves_end_in_the_same_state(reference: dict[str, Any], tmp_path: Path,
                                                     corpus: Path) -> None:
     done, s = _run(tmp_path / "store", corpus, "async")
@@ -46,9 +42,9 @@ def test_async_and_sync_saves_end_in_the_same_state(reference: dict[str, Any], t
     assert committed_steps(tmp_path / "store", "async") == list(range(5, STEPS + 1, 5))
     # Groups end every 10 steps, epochs every 20: the ends of epochs (evaluated from the store)
     # and of the run commit before their group returns; every other save is in the background.
-    assert _background(tmp_path / "store", "async") == [5, 10, 15, 25, 30, 35]
+    assert background_commits(tmp_path / "store", "async") == [5, 10, 15, 25, 30, 35]
     assert s["checkpoints_committed"] == reference["checkpoints_committed"]
-    assert _verify(tmp_path / "store", "async").returncode == 0
+    assert verify_store(tmp_path / "store", "async").returncode == 0
 
 
 def test_a_worker_killed_during_a_background_save_loses_nothing_committed(
@@ -61,12 +57,12 @@ def test_a_worker_killed_during_a_background_save_loses_nothing_committed(
     [failure] = s["failures"]
     assert failure["kind"] == "kill-during-save"
     assert 25 in committed_steps(tmp_path / "store", "kill-bg")  # saved again by the retry
-    assert _verify(tmp_path / "store", "kill-bg").returncode == 0
+    assert verify_store(tmp_path / "store", "kill-bg").returncode == 0
     attempts = [doc for _, doc in open_store(str(tmp_path / "store")).list_json("kill-bg", "attempts")]
     assert any(a.get("bytes_reused") for a in attempts)  # the dead save's verified chunks
 
 
-def test_a_worker_killed_while_a_group_end_commits_in_the_background(
+def test_a_worker_killed_while_a_group_end_commits_in_thebackground_commits(
         reference: dict[str, Any], tmp_path: Path, corpus: Path) -> None:
     # Step 30 ends the group (20, 30] but no epoch: the group returns while its checkpoint is
     # written, and the worker dies during that save. The flow had taken the group as done.
@@ -75,7 +71,7 @@ def test_a_worker_killed_while_a_group_end_commits_in_the_background(
     assert s["state_hash"] == reference["state_hash"]
     assert [f["kind"] for f in s["failures"]] == ["kill-during-save"]
     assert 30 in committed_steps(tmp_path / "store", "kill-end")  # written again
-    assert _verify(tmp_path / "store", "kill-end").returncode == 0
+    assert verify_store(tmp_path / "store", "kill-end").returncode == 0
 
 
 def test_a_background_write_failure_fails_the_run_in_one_line(tmp_path: Path,
@@ -87,8 +83,8 @@ def test_a_background_write_failure_fails_the_run_in_one_line(tmp_path: Path,
     with small_tmpfs(tmp_path / "full", "6m") as full:
         done, s = _run(full, corpus, "bg-full", "--ckpt-every", "2")
         on_disk = committed_steps(full, "bg-full")
-        background = _background(full, "bg-full")
-        verify = _verify(full, "bg-full")
+        background = background_commits(full, "bg-full")
+        verify = verify_store(full, "bg-full")
         leftovers = [p.name for p in (full / "bg-full" / "ckpt").iterdir()
                      if p.name.startswith(".staging-")]
     terminal = done.stdout + done.stderr
@@ -132,4 +128,4 @@ def test_incremental_background_saves_end_in_the_same_state(reference: dict[str,
     assert done.returncode == 0, done.stderr[-3000:]
     assert s["state_hash"] == reference["state_hash"]
     assert committed_steps(tmp_path / "store", "inc") == list(range(5, STEPS + 1, 5))
-    assert _verify(tmp_path / "store", "inc").returncode == 0
+    assert verify_store(tmp_path / "store", "inc").returncode == 0

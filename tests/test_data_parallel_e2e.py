@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,12 +18,14 @@ from flows.cluster import cuda_available
 from storage import open_store
 from tests.cli_helpers import (
     ROOT,
+    background_commits,
     cli_args,
     committed_steps,
     kill_group,
     read_summary,
     run_cli,
     start_cli,
+    verify_store,
 )
 from tests.storage_helpers import zarr_tensor
 
@@ -82,11 +83,6 @@ def _finish(proc: subprocess.Popen, timeout_s: float = 240.0) -> tuple[int, str]
         kill_group(proc)
 
 
-def _verify(store: Path, run_id: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "storage", "verify", str(store), run_id],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-
-
 def test_two_workers_train_one_model_together(dp_reference: dict[str, Any],
                                               workdir: Path) -> None:
     summary = dp_reference
@@ -105,7 +101,7 @@ def test_two_workers_train_one_model_together(dp_reference: dict[str, Any],
         assert r["cpu_s"] >= 0.3 * (r["window_unix"][1] - r["window_unix"][0]), r
     assert summary["train_loss"] < LN_VOCAB - 1.0  # it learned
     store = workdir / "store"
-    assert _verify(store, "dp-ref").returncode == 0
+    assert verify_store(store, "dp-ref").returncode == 0
     # The format is the single-writer one: plain zarr-python reads what the ranks wrote.
     step = summary["final_step"]
     loaded = open_store(str(store)).load("dp-ref", step)
@@ -264,12 +260,6 @@ def test_the_fire_drill_deployment_completes_bit_exact(dp_reference: dict[str, A
     assert summary["state_hash"] == dp_reference["state_hash"]
 
 
-def _background(store: Path, run_id: str) -> list[int]:
-    """Steps rank 0 committed from its background thread, from the attempts' records."""
-    return sorted(step for _, doc in open_store(str(store)).list_json(run_id, "attempts")
-                  for step in doc.get("background_checkpoints", []))
-
-
 def test_async_saves_under_data_parallelism_end_in_the_same_state(
         dp_reference: dict[str, Any], workdir: Path, corpus: Path) -> None:
     done, summary = _run(workdir, corpus, "dp-async", *W2, "--async-save")
@@ -282,9 +272,9 @@ def test_async_saves_under_data_parallelism_end_in_the_same_state(
     assert committed_steps(store, "dp-async") == committed_steps(store, "dp-ref")
     # Every checkpoint inside a group (groups of 10, one every 5) was written by both ranks in
     # the background and committed by rank 0's background thread; group ends commit in line.
-    assert _background(store, "dp-async") == [5, 15, 25, 35]
+    assert background_commits(store, "dp-async") == [5, 15, 25, 35]
     assert summary["checkpoints_committed"] == dp_reference["checkpoints_committed"]
-    assert _verify(store, "dp-async").returncode == 0
+    assert verify_store(store, "dp-async").returncode == 0
     # Both ranks' shares are in each background checkpoint: the same state as the sync one.
     hashes = {run: open_store(str(store)).state_hash(run, 15) for run in ("dp-ref", "dp-async")}
     assert hashes["dp-ref"] == hashes["dp-async"]
@@ -309,7 +299,7 @@ def test_a_rank_killed_during_its_background_share(dp_reference: dict[str, Any],
     if 15 in steps:  # saved again by the retry, never the broken save made visible
         assert store.read_manifest(run_id, 15)[0].created_unix > failure["at_unix"]
     assert set(steps) >= {5, 10, 20, 25, 30, 35, 40}
-    assert _verify(workdir / "store", run_id).returncode == 0
+    assert verify_store(workdir / "store", run_id).returncode == 0
 
 
 def test_a_background_share_on_a_full_disk_fails_the_run_in_one_line(
@@ -322,8 +312,8 @@ def test_a_background_share_on_a_full_disk_fails_the_run_in_one_line(
         done, summary = _run(tmp_path, corpus, "dp-full", *W2, "--async-save",
                              "--ckpt-every", "2", store=full)
         on_disk = committed_steps(full, "dp-full")
-        background = _background(full, "dp-full")
-        verify = _verify(full, "dp-full")
+        background = background_commits(full, "dp-full")
+        verify = verify_store(full, "dp-full")
     terminal = done.stdout + done.stderr
     assert done.returncode == 1, terminal[-3000:]
     assert "Traceback" not in terminal, terminal[-3000:]

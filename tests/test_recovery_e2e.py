@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from datetime import UTC
@@ -18,13 +17,13 @@ import pytest
 from storage import open_store
 from tests.cli_helpers import (
     CKPT,
-    ROOT,
     cli_args,
     committed_steps,
     kill_group,
     read_summary,
     run_cli,
     start_cli,
+    verify_store,
 )
 from tests.dask_cluster import CommandLineCluster
 
@@ -55,11 +54,6 @@ def _one_line_error(stderr: str) -> str:
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, stderr[-3000:]
     return errors[0]
-
-
-def _verify(store: Path, run_id: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "storage", "verify", str(store), run_id],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def _wait_for_checkpoint(proc: subprocess.Popen, store: Path, run_id: str, step: int) -> None:
@@ -119,7 +113,7 @@ def test_killed_mid_save_uses_previous_checkpoint_and_reuses_chunks(reference: d
     assert failure["kind"] == "kill-during-save" and failure["lost_steps"] == CKPT
     retried = [a for a in _attempts(workdir / "store", "kill-save") if a.get("bytes_reused")]
     assert retried and retried[0]["resumed_from_step"] == 25
-    assert _verify(workdir / "store", "kill-save").returncode == 0
+    assert verify_store(workdir / "store", "kill-save").returncode == 0
 
 
 def test_bit_rot_injected_after_commit_is_detected_and_skipped(reference: dict, workdir: Path,
@@ -169,14 +163,14 @@ def test_byte_flipped_between_invocations_falls_back(reference: dict, workdir: P
     chunk = _flip_a_byte(step_dir)
     parts = chunk.relative_to(step_dir).parts
     array, key = "/".join(parts[:parts.index("c")]), "/".join(parts[parts.index("c"):])
-    assert _verify(workdir / "store", "flipped").returncode == 1
+    assert verify_store(workdir / "store", "flipped").returncode == 1
     done, s = _run(workdir, corpus, "flipped")
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(x for x in done.stderr.splitlines() if "corrupt checkpoint skipped" in x)
     assert "step 20" in line and f"array {array!r}" in line and f"chunk {key!r}" in line
     assert s["resumed_from_step"] == 15
     assert s["state_hash"] == reference["state_hash"]
-    assert _verify(workdir / "store", "flipped").returncode == 0  # step 20 was written again
+    assert verify_store(workdir / "store", "flipped").returncode == 0  # step 20 was written again
     # The summary tells it too: the corrupt checkpoint is a failure, with what was lost.
     [corrupt] = s["failures"]
     assert corrupt["kind"] == "corrupt-checkpoint" and corrupt["step"] == 20
@@ -250,7 +244,7 @@ def test_every_worker_lost_fails_within_bounds(workdir: Path, corpus: Path) -> N
     assert returncode == 1, err[-3000:]
     assert "every Dask worker lost" in _one_line_error(err)
     assert committed_steps(store, "no-workers")
-    assert _verify(store, "no-workers").returncode == 0
+    assert verify_store(store, "no-workers").returncode == 0
 
 
 def test_flaky_storage_saves_are_retried(reference: dict, workdir: Path, corpus: Path,

@@ -4,15 +4,21 @@ uninterrupted single-replica run's state_hash."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from storage import open_store
-from tests.cli_helpers import ROOT, cli_args, kill_group, read_summary, run_cli, start_cli
+from tests.cli_helpers import (
+    background_commits,
+    cli_args,
+    kill_group,
+    read_summary,
+    run_cli,
+    start_cli,
+    verify_store,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -94,17 +100,6 @@ def test_three_replicas_settle_a_disagreement_by_majority(reference: dict[str, A
     assert summary["state_hash"] == reference["state_hash"]
 
 
-def _background(store: Path, run_id: str) -> list[int]:
-    """Steps committed from a background thread, from the attempts' records (replica 0's)."""
-    return sorted(step for _, doc in open_store(str(store)).list_json(run_id, "attempts")
-                  for step in doc.get("background_checkpoints", []))
-
-
-def _verify(store: Path, run_id: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "storage", "verify", str(store), run_id],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-
-
 def test_async_saves_with_replicas_end_in_the_same_state(reference: dict[str, Any],
                                                          tmp_path: Path, corpus: Path) -> None:
     # Voting replicas that save in the background: the writer's receipts and commit notice go
@@ -118,9 +113,9 @@ def test_async_saves_with_replicas_end_in_the_same_state(reference: dict[str, An
     assert summary["state_hash"] == reference["state_hash"]
     assert sorted(open_store(str(store)).steps("async")) == [5, 10, 15, 20, 25, 30, 35, 40]
     # Inside each group of 10 the checkpoint was written behind training; group ends in line.
-    assert _background(store, "async") == [5, 15, 25, 35]
+    assert background_commits(store, "async") == [5, 15, 25, 35]
     assert summary["replication"]["votes"] > 0
-    assert _verify(store, "async").returncode == 0
+    assert verify_store(store, "async").returncode == 0
 
 
 def test_the_writing_replica_killed_during_its_background_save(reference: dict[str, Any],
@@ -144,4 +139,4 @@ def test_the_writing_replica_killed_during_its_background_save(reference: dict[s
         assert open_store(str(store)).read_manifest("akill", 15)[0].created_unix > \
             failure["at_unix"]
     assert set(steps) >= {5, 10, 20, 25, 30, 35, 40}
-    assert _verify(store, "akill").returncode == 0
+    assert verify_store(store, "akill").returncode == 0
