@@ -3,8 +3,10 @@
     python -m bench.goodput [--model small] [--steps 2200] [--kill-every 60] [--workers 1|2]
 
 Both contenders train --steps steps of the same preset on the same data and seed, and a
-training process of each is SIGKILLed by PID every --kill-every seconds of wall time, counted
-from the contender's own start (start-up included for both). When nothing is training at a
+training process of each is SIGKILLed by PID once in every --kill-every seconds of wall time,
+counted from the contender's own start (start-up included for both): at a random moment of
+each window (--kill-phase random, the default; seeded, the same moments for both contenders of
+a round), or at its end (--kill-phase fixed). When nothing is training at a
 kill time (the contender is still recovering from the last kill), the kill waits for the next
 training process to appear. With --workers 2 both train data-parallel and the victim is rank 1.
 Each runs at its best settings:
@@ -14,8 +16,9 @@ Each runs at its best settings:
             from Young/Daly on its measured stall and the true failure interval. The victim is
             the worker process of the newest training attempt (--workers 2: rank 1's process,
             from the store's ranks/1 record).
-  torchrun  `torchrun --max-restarts=1000 bench/torchrun_train.py` (the same Trainer, torch.save
-            + fsync + rename checkpoints, resume on restart), its interval from Young/Daly too:
+  torchrun  `torchrun --max-restarts=1000 bench/torchrun_train.py --evaluate` (the same Trainer,
+            torch.save + fsync + rename checkpoints, resume on restart, and the same evaluations
+            as Rebound: at every epoch's end and the last step), its interval from Young/Daly too:
             sqrt(2 * C * MTBF) / step time, with C and the step time measured by this bench on
             the same preset before the runs (--torchrun-ckpt-every overrides it). The victim is
             the newest training process of rank 0 (--workers 2: rank 1) that is torchrun's child.
@@ -32,6 +35,8 @@ Rows (one per contender, median (min-max) over --rounds):
                 Rebound's summary_failures, the failures its own summary reports: a kill of a
                 worker between tasks costs a restart but no training, and may not be one)
   ckpt_every    the checkpoint interval each used (Rebound: the one --ckpt-every auto chose)
+  eval_s        seconds spent evaluating (both evaluate at the same steps; part of wall_s,
+                never of productive_s)
 Ratios: rebound_vs_torchrun_ettr = Rebound's ettr / torchrun's (aim >= 1.0), and
 torchrun_vs_rebound_wall = torchrun's wall_s / Rebound's (the same steps: > 1 means Rebound
 finished first; a step slowed by background work counts as productive in ETTR, not here). The
@@ -45,6 +50,7 @@ import argparse
 import json
 import math
 import os
+import random
 import signal
 import statistics
 import sys
@@ -69,7 +75,7 @@ from bench.recovery import (
 
 RUN_ID = "bench-goodput"
 POLL_S = 0.05
-NUMERIC = ("wall_s", "productive_s", "ettr", "steps_lost", "failures", "ckpt_every")
+NUMERIC = ("wall_s", "productive_s", "ettr", "steps_lost", "failures", "ckpt_every", "eval_s")
 
 
 def _alive_in_group(pid: int, pgid: int) -> bool:
@@ -80,22 +86,36 @@ def _alive_in_group(pid: int, pgid: int) -> bool:
         return False
 
 
+def kill_offsets(kill_every: float, phase: str, seed: int) -> Callable[[int], float]:
+    """When the n-th kill (n >= 1) comes, in seconds from a contender's start.
+
+    fixed: at n * kill_every. random: once in every window [(n-1) * kill_every, n * kill_every),
+    at a moment drawn from `seed` and n alone, so both contenders of a round meet the same
+    moments. Fixed times lock onto a contender's own rhythm (restart time, checkpoint
+    interval): every kill then lands at the same point of its checkpoint cycle, and the steps
+    lost say more about that phase than about the checkpoint policy.
+    """
+    if phase == "fixed":
+        return lambda n: n * kill_every
+    return lambda n: (n - 1 + random.Random(f"{seed}:{n}").random()) * kill_every
+
+
 class Killer(threading.Thread):
-    """SIGKILLs victim() every kill_every seconds after `started`, until stopped.
+    """SIGKILLs victim() at started + at(n) for n = 1, 2, ..., until stopped.
 
     victim() returns the PID to kill now, or None when nothing trains yet; a kill time with no
     victim waits for one (polling), so every interval costs the contender one training process.
     """
 
-    def __init__(self, started: float, kill_every: float, victim: Callable[[], int | None]) -> None:
+    def __init__(self, started: float, at: Callable[[int], float], victim: Callable[[], int | None]) -> None:
         super().__init__(daemon=True, name="goodput-killer")
-        self._t0, self._every, self._victim = started, kill_every, victim
+        self._t0, self._at, self._victim = started, at, victim
         self._stop_event = threading.Event()
         self.kills: list[tuple[float, int]] = []
 
     def run(self) -> None:
         n = 1
-        while not self._stop_event.wait(max(0.0, self._t0 + n * self._every - time.time())):
+        while not self._stop_event.wait(max(0.0, self._t0 + self._at(n) - time.time())):
             killed = {pid for _, pid in self.kills}
             while not self._stop_event.is_set():
                 pid = self._victim()
@@ -119,7 +139,7 @@ def _run_under_kills(args: argparse.Namespace, cmd: list[str], workdir: Path, na
                      env: dict[str, str] | None = None) -> Killer:
     """Run a contender to its end while a Killer strikes victim_for(its PID) on schedule."""
     with _process(cmd, workdir, name, env=env) as proc:
-        killer = Killer(started, args.kill_every, victim_for(proc.pid))
+        killer = Killer(started, kill_offsets(args.kill_every, args.kill_phase, args.seed), victim_for(proc.pid))
         killer.start()
         try:
             _wait(proc, args.timeout, label, workdir / f"{name}.out")
@@ -172,6 +192,7 @@ def run_rebound(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "summary_failure_kinds": [(f.get("kind"), f.get("step"), f.get("lost_steps")) for f in s.get("failures", [])],
         "kills_s": [round(t - started, 2) for t, _ in killer.kills],
         "state_hash": s.get("state_hash"), "status": s.get("status"),
+        "eval_s": (s.get("wall_breakdown") or {}).get("eval_s"),
     }
 
 
@@ -220,6 +241,15 @@ def _torchrun_victim(out: Path, agent_pid: int, rank: int) -> Callable[[], int |
     return victim
 
 
+def _eval_seconds(log: Path) -> float:
+    """Seconds torchrun's rank 0 spent evaluating, every evaluation counted (a repeated one
+    too: its time was spent)."""
+    try:
+        return round(sum(float(ln.split()[2]) for ln in log.read_text().splitlines() if ln.strip()), 3)
+    except FileNotFoundError:
+        return 0.0
+
+
 def run_torchrun(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     out = workdir / "out"
     out.mkdir()
@@ -227,7 +257,7 @@ def run_torchrun(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     cmd = [*_torchrun_cmd(), "--standalone", f"--nproc-per-node={args.workers}", "--max-restarts=1000",
            "--local-addr", "127.0.0.1", str(TORCHRUN_SCRIPT), "--model", args.model,
            "--steps", str(args.steps), "--ckpt-every", str(every), "--threads", str(args.threads),
-           "--out", str(out), *(["--data", args.data] if args.data else [])]
+           "--out", str(out), "--evaluate", *(["--data", args.data] if args.data else [])]
     started = time.time()
     killer = _run_under_kills(args, cmd, workdir, "torchrun", "torchrun",
                               lambda agent: _torchrun_victim(out, agent, args.workers - 1), started,
@@ -242,6 +272,7 @@ def run_torchrun(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "steps_lost": len(steps) - len(surviving), "failures": len(killer.kills), "ckpt_every": every,
         "summary_failures": None, "summary_failure_kinds": None,
         "kills_s": [round(t - started, 2) for t, _ in killer.kills], "state_hash": final["state_hash"],
+        "eval_s": _eval_seconds(out / "evals.log"),
         "status": "completed" if final["final_step"] == args.steps else "incomplete",
     }
 
@@ -260,6 +291,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2200, help="optimizer steps (default 2200)")
     p.add_argument("--kill-every", type=float, default=60.0,
                    help="seconds between kills, from each contender's start (default 60)")
+    p.add_argument("--kill-phase", choices=("random", "fixed"), default="random",
+                   help="random (default): one kill in every --kill-every window, at a seeded "
+                        "random moment inside it, the same moments for both contenders; fixed: "
+                        "at every multiple of --kill-every (locks onto each contender's "
+                        "checkpoint cycle, so its steps lost depend on that phase)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random kill moments (round r uses seed + r; default 0)")
     p.add_argument("--workers", type=int, default=1, choices=(1, 2),
                    help="training processes per contender: 1, or 2 data-parallel ranks (rank 1 killed)")
     p.add_argument("--group-steps", type=int, default=50, help="Rebound steps per batch group (default 50)")
@@ -303,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                 workdir = Path(tmp) / f"{name}-{round_no}"
                 workdir.mkdir()
                 try:
-                    r = CONTENDERS[name](args, workdir)
+                    r = CONTENDERS[name](argparse.Namespace(**{**vars(args), "seed": args.seed + round_no}),
+                                         workdir)
                 except BenchError as e:
                     print(f"bench.goodput: round {round_no + 1} {name}: {e}", file=sys.stderr)
                     r = {**dict.fromkeys(NUMERIC), "summary_failures": None, "kills_s": None, "state_hash": None,
@@ -331,9 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     failed = sum(r["failed_runs"] for r in rows)
     if args.json:
         print(json.dumps({"rows": rows, "ratios": ratios, "runs": results, "probe": probe,
+                          "kills": {"every_s": args.kill_every, "phase": args.kill_phase, "seed": args.seed},
                           "same_state_hash": len(hashes) == 1}))
     else:
-        print_table(f"bench.goodput: {args.model}, {args.steps} steps, a kill every {args.kill_every:g} s, "
+        print_table(f"bench.goodput: {args.model}, {args.steps} steps, a kill every {args.kill_every:g} s "
+                    f"({args.kill_phase} phase), "
                     f"{args.workers} process(es) x {args.threads} thread(s), median (min-max) of "
                     f"{args.rounds} round(s)", rows, ratios)
         print("final state_hash: " + ("identical in every run" if len(hashes) == 1

@@ -26,6 +26,7 @@ It writes, under --out:
                    (start: before `import torch`; ready: model built and checkpoint loaded;
                    resumed_from_step -1 when there was no checkpoint)
   ranks.log        one line per process start: "rank pid" (the benchmark kills a rank by PID)
+  evals.log        with --evaluate: one line per evaluation, "step unix_time seconds eval_loss"
   final.json       at the end: final step, train loss, and the state_hash of model+optimizer
                    (DESIGN.md §2, the value Rebound's summary reports for the same state)
 """
@@ -53,6 +54,7 @@ STEPS_LOG = "steps.log"
 STARTS_LOG = "starts.log"
 FINAL_JSON = "final.json"
 RANKS_LOG = "ranks.log"
+EVALS_LOG = "evals.log"
 
 
 class TorchrunGroup:
@@ -128,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, required=True, help="torch threads")
     p.add_argument("--data", help="corpus (default: the stdlib's source)")
     p.add_argument("--out", required=True, help="folder for checkpoint and logs")
+    p.add_argument("--evaluate", action="store_true",
+                   help="rank 0 evaluates at every epoch's end and at the last step, as "
+                        "python -m flows.train does (the same held-out batches)")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,6 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         if not lead:
             continue
         _append_line(out / STEPS_LOG, f"{trainer.step} {time.time():.6f} {pid} {result.seconds:.6f}")
+        if a.evaluate and (trainer.step % trainer.batches_per_epoch == 0 or trainer.step == a.steps):
+            # Rank 0 alone, as Rebound evaluates once per epoch end; the other ranks wait for
+            # it at the next step's all_reduce, as Rebound's ranks wait for the evaluation task.
+            t0 = time.perf_counter()
+            eval_loss = trainer.evaluate()
+            _append_line(out / EVALS_LOG, f"{trainer.step} {time.time():.6f} "
+                                          f"{time.perf_counter() - t0:.6f} {eval_loss:.6f}")
         if trainer.step % a.ckpt_every == 0 or trainer.step == a.steps:
             save_checkpoint(trainer, out / CKPT_NAME)
 

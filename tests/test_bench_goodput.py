@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.goodput import young_daly_steps
+from bench.goodput import kill_offsets, young_daly_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,6 +24,20 @@ def test_young_daly_interval_in_steps() -> None:
     assert young_daly_steps(0.5, 100.0, 0.5, 1000) == 20
     assert young_daly_steps(0.5, 100.0, 0.5, 7) == 7  # never past the run
     assert young_daly_steps(1e-6, 1.0, 10.0, 100) == 1  # never below one step
+
+
+def test_kill_moments_one_per_window_the_same_for_both_contenders() -> None:
+    fixed = kill_offsets(60.0, "fixed", 0)
+    assert [fixed(n) for n in (1, 2, 3)] == [60.0, 120.0, 180.0]
+    drawn = kill_offsets(60.0, "random", 7)
+    moments = [drawn(n) for n in range(1, 41)]
+    # Exactly one kill in each window, never at one fixed phase of it.
+    assert all((n - 1) * 60.0 <= t < n * 60.0 for n, t in enumerate(moments, 1))
+    phases = [t % 60.0 for t in moments]
+    assert max(phases) - min(phases) > 30.0
+    # A function of the seed and n alone: the other contender, asking later, meets the same moments.
+    assert [kill_offsets(60.0, "random", 7)(n) for n in range(1, 41)] == moments
+    assert [kill_offsets(60.0, "random", 8)(n) for n in range(1, 41)] != moments
 
 
 @pytest.mark.slow
@@ -45,11 +59,14 @@ def test_goodput_bench_json(prefect_api: str) -> None:
     for method, row in rows.items():
         (run,) = runs[method]
         assert run["status"] == "completed" and row["failed_runs"] == 0, method
-        # Killed once per interval of its own wall time (a kill waits while nothing trains).
-        assert 1 <= run["failures"] <= run["wall_s"] // kill_every, method
+        # Killed once in each window of its own wall time that began (a kill waits while
+        # nothing trains, so a late one may fall into the next window).
+        assert 1 <= run["failures"] <= run["wall_s"] // kill_every + 1, method
         assert 0 < run["productive_s"] < run["wall_s"], method
         assert run["ettr"] == pytest.approx(run["productive_s"] / run["wall_s"]), method
         assert run["steps_lost"] >= 0, method
+        # The same evaluations (every epoch's end and the last step) cost both contenders.
+        assert 0 < run["eval_s"] < run["wall_s"] - run["productive_s"], method
     # A kill that hit a training task is in Rebound's summary; one that hit a worker between
     # tasks (the tiny preset spends most of its time in evaluation and orchestration) may not be.
     assert runs["rebound"][0]["summary_failures"] <= runs["rebound"][0]["failures"]
