@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,6 +163,27 @@ def check_store(plan: RunPlan, params: TrainParams) -> bool:
             f"pass --workers {made_with}, or --reshard to continue it with {params.workers} "
             "(not bit-exact)")
     return True
+
+
+def checkpoint_price(result: Mapping[str, Any]) -> tuple[float, float] | None:
+    """(stall, drag) seconds that one more checkpoint cost the group that returned ``result``,
+    or None when it measured no price (keep the interval it ran with).
+
+    Priced from this group alone, not from every group so far: the price depends on the
+    interval (saves due faster than they finish queue up, and the wait is stall), so an early
+    group that ran at too short an interval must not keep the next ones there. A background
+    save is priced at its stall plus its drag (how much slower it made the steps it
+    overlapped); until a group has run steps beside a background save, its drag is unknown,
+    not zero, and the group prices nothing. An in-line save is priced at its stall.
+    """
+    saves = int(result.get("background_saves", 0))
+    if saves:
+        if not int(result.get("background_overlap_steps", 0)):
+            return None
+        return (float(result["background_stall_s"]) / saves,
+                float(result.get("background_drag_s", 0.0)) / saves)
+    checkpoints = len(result.get("checkpoints") or ())
+    return (float(result["ckpt_s"]) / checkpoints, 0.0) if checkpoints else None
 
 
 def young_daly_interval(ckpt_cost_s: float, mtbf_s: float, step_s: float, max_steps: int) -> int:

@@ -495,6 +495,7 @@ class DataParallelGroups:
             "background_saves": lead.get("background_saves", 0),
             "background_stall_s": max(r.get("background_stall_s", 0.0) for r in ranks),
             "background_drag_s": max(r.get("background_drag_s", 0.0) for r in ranks),
+            "background_overlap_steps": max(r.get("background_overlap_steps", 0) for r in ranks),
             "train_loss": lead["train_loss"], "stopped_early": False,
             "attempt": lead.get("attempt"),
             "ranks": [{"rank": r["rank"], "replica": r["replica"], "worker": r["worker"],

@@ -83,6 +83,12 @@ class StepDrag:
         """One training step, and whether a save was in flight when it started."""
         (self._busy.append if save_in_flight else StepDrag._quiet.append)(seconds)
 
+    @property
+    def overlapped(self) -> int:
+        """Steps so far that ran while a save was in flight: with none, ``seconds`` measured
+        nothing (a zero that says nothing about what a save costs)."""
+        return len(self._busy) if StepDrag._quiet else 0
+
     def seconds(self) -> float:
         """The extra step seconds so far (0 until a step without a save was seen)."""
         if not StepDrag._quiet or not self._busy:

@@ -244,6 +244,7 @@ def run_group(job: GroupJob) -> GroupResult:
             if saves is not None:
                 drag.add(step_result.seconds, in_flight)
                 result.background_drag_s = drag.seconds()
+                result.background_overlap_steps = drag.overlapped
             productive_s += step_result.seconds
             result.steps_trained += 1
             result.train_s += step_result.seconds

@@ -91,11 +91,13 @@ class GroupResult:
     background_stall_s: float = 0.0
     """Of ckpt_s, what the background saves' snapshots (and waits for the save before) took."""
     background_saves: int = 0
+    """Saves started in the background (--async-save)."""
     background_drag_s: float = 0.0
     """How much longer the steps trained while a background save was in flight took than this
     worker's steps without one (tasks/background_saves.py, StepDrag): a save's cost that no
     stall shows, large where the save's hashing and writing share the cores training uses."""
-    """Saves started in the background (--async-save)."""
+    background_overlap_steps: int = 0
+    """How many steps background_drag_s was measured over (0: not measured yet)."""
     checkpoints: list[int] = field(default_factory=list)
     """Steps committed by this group."""
     worker: str | None = None

@@ -98,6 +98,8 @@ class RankResult:
     the save before)."""
     background_drag_s: float = 0.0
     """How much longer the steps that overlapped a background save took (StepDrag)."""
+    background_overlap_steps: int = 0
+    """How many steps background_drag_s was measured over (0: not measured yet)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -535,6 +537,7 @@ def run_rank(job: RankJob) -> RankResult:
             if saves is not None:
                 drag.add(step_result.seconds, in_flight)
                 result.background_drag_s = drag.seconds()
+                result.background_overlap_steps = drag.overlapped
                 saves.poll()  # a background failure surfaces at the next step
             productive_s += step_result.seconds
             result.steps_trained += 1
