@@ -156,7 +156,11 @@ def train_epoch(plan: RunPlan, params: TrainParams, groups: list[Group], start_r
         nonlocal last_worker
         # An epoch's end is evaluated from the store, and the run's last group ends the run:
         # their checkpoints commit before the group returns; others may land in the background.
-        commit_end = not plan.run.async_save or group.epoch_end or group.last_step >= plan.stop_at
+        # So does a group's end while --ckpt-every auto has no price yet: a group whose only
+        # save is its last runs no step beside it, so only an in-line save prices it, and the
+        # next group then starts at a measured interval instead of one per group.
+        commit_end = (not plan.run.async_save or group.epoch_end or group.last_step >= plan.stop_at
+                      or (plan.ckpt_auto and tally.ckpt_auto is None))
         job = GroupJob(plan.run, group.first_step, group.last_step, plan.ckpt_every,
                        protect, deadline_unix, commit_end)
         if ranks is not None:
