@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,25 +166,52 @@ def check_store(plan: RunPlan, params: TrainParams) -> bool:
     return True
 
 
-def checkpoint_price(result: Mapping[str, Any]) -> tuple[float, float] | None:
-    """(stall, drag) seconds that one more checkpoint cost the group that returned ``result``,
-    or None when it measured no price (keep the interval it ran with).
+@dataclass(frozen=True)
+class PriceSample:
+    """What one group's checkpoints cost: ``saves`` saves, their stall and drag seconds."""
 
-    Priced from this group alone, not from every group so far: the price depends on the
-    interval (saves due faster than they finish queue up, and the wait is stall), so an early
-    group that ran at too short an interval must not keep the next ones there. A background
-    save is priced at its stall plus its drag (how much slower it made the steps it
+    background: bool
+    stall_s: float
+    drag_s: float
+    saves: int
+
+
+def price_sample(result: Mapping[str, Any]) -> PriceSample | None:
+    """What the group that returned ``result`` measured of a checkpoint's price, or None.
+
+    A background save costs its stall plus its drag (how much slower it made the steps it
     overlapped); until a group has run steps beside a background save, its drag is unknown,
-    not zero, and the group prices nothing. An in-line save is priced at its stall.
+    not zero, and the group measured nothing. An in-line save costs its stall.
     """
     saves = int(result.get("background_saves", 0))
     if saves:
         if not int(result.get("background_overlap_steps", 0)):
             return None
-        return (float(result["background_stall_s"]) / saves,
-                float(result.get("background_drag_s", 0.0)) / saves)
+        return PriceSample(True, float(result["background_stall_s"]),
+                           float(result.get("background_drag_s", 0.0)), saves)
     checkpoints = len(result.get("checkpoints") or ())
-    return (float(result["ckpt_s"]) / checkpoints, 0.0) if checkpoints else None
+    return PriceSample(False, float(result["ckpt_s"]), 0.0, checkpoints) if checkpoints else None
+
+
+class CheckpointPrice:
+    """The price of one more checkpoint, (stall, drag) seconds, from the newest groups.
+
+    From the last ``window`` groups that measured one, not from every group so far: the price
+    depends on the interval (saves due faster than they finish queue up, and the wait is
+    stall), so an early group that ran at too short an interval must not keep the next ones
+    there; and not from the newest alone, whose few saves' drag is noisy. Only samples of the
+    newest one's kind count (an in-line save's stall says nothing of a background save's drag).
+    """
+
+    def __init__(self, window: int = 3) -> None:
+        self._samples: deque[PriceSample] = deque(maxlen=window)
+
+    def add(self, sample: PriceSample) -> tuple[float, float]:
+        """Take one group's sample; the price per checkpoint now."""
+        self._samples.append(sample)
+        same = [s for s in self._samples if s.background == sample.background]
+        saves = sum(s.saves for s in same)
+        return sum(s.stall_s for s in same) / saves, sum(s.drag_s for s in same) / saves
 
 
 def young_daly_interval(ckpt_cost_s: float, mtbf_s: float, step_s: float, max_steps: int) -> int:

@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from flows.plan import CheckpointPrice
 from flows.ui_artifacts import (
     CheckpointRow,
     checkpoints_markdown,
@@ -76,10 +77,13 @@ class RunTally:
     cluster's size at start and end (flows.redundancy.redundancy_state)."""
 
     background_stall_s: float = 0.0
-    """Stall of every background save so far (--async-save): what --ckpt-every auto prices."""
+    """Stall of every background save so far (--async-save)."""
     background_saves: int = 0
     background_drag_s: float = 0.0
     """Extra seconds of the steps that overlapped a background save (tasks.background_saves.StepDrag)."""
+    checkpoint_price: CheckpointPrice = field(default_factory=CheckpointPrice)
+    """What --ckpt-every auto prices a checkpoint at: the newest groups' samples, kept for the
+    run (an epoch subflow, or its retry, goes on from them)."""
     ckpt_auto: dict[str, Any] | None = None
     """summary["ckpt_auto"]: the interval --ckpt-every auto chose last and what it was made of
     (the measured stall per checkpoint, the step time, the MTBF)."""

@@ -54,7 +54,7 @@ from flows.plan import (  # noqa: E402
     RunPlan,
     build_plan,
     check_store,
-    checkpoint_price,
+    price_sample,
     run_record,
     young_daly_interval,
 )
@@ -175,13 +175,13 @@ def train_epoch(plan: RunPlan, params: TrainParams, groups: list[Group], start_r
         tally.absorb_group(result)
         for line in result["corrupt"]:
             _say(f"corrupt checkpoint skipped: {line}", "yellow")
-        price = checkpoint_price(result) if plan.ckpt_auto and result["steps_trained"] else None
-        if price is not None:
+        sample = price_sample(result) if plan.ckpt_auto and result["steps_trained"] else None
+        if sample is not None:
             # With --async-save the price of one more checkpoint is a background save's stall
             # plus how much it slowed the steps it overlapped (on a machine whose cores all
             # train, its hashing and writing take theirs); the saves that must commit in line
             # (epoch ends) happen whatever the interval.
-            stall_s, drag_s = price
+            stall_s, drag_s = tally.checkpoint_price.add(sample)
             step_s = result["train_s"] / result["steps_trained"]
             chosen = young_daly_interval(stall_s + drag_s, params.mtbf_s, step_s, plan.group_steps)
             if chosen != plan.ckpt_every or tally.ckpt_auto is None:

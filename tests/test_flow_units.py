@@ -6,7 +6,13 @@ import pytest
 from pydantic import ValidationError
 
 from flows.params import TrainParams, parse_duration_s
-from flows.plan import background_saves, checkpoint_price, make_groups, young_daly_interval
+from flows.plan import (
+    CheckpointPrice,
+    background_saves,
+    make_groups,
+    price_sample,
+    young_daly_interval,
+)
 from tasks.chaos import ChaosEvent, parse_chaos
 
 
@@ -114,20 +120,30 @@ def test_async_save_auto_is_on_where_a_gpu_trains_and_off_on_cpu_workers() -> No
     assert background_saves(TrainParams(device="cuda", async_save=False)) is False
 
 
-def test_checkpoint_price_comes_from_the_group_that_measured_it() -> None:
+def test_checkpoint_price_comes_from_the_newest_groups_that_measured_it() -> None:
     # In line: what the saves stood training still for, nothing slowed.
-    assert checkpoint_price({"ckpt_s": 0.6, "checkpoints": [10, 20, 30]}) == pytest.approx((0.2, 0.0))
-    assert checkpoint_price({"ckpt_s": 0.0, "checkpoints": []}) is None
+    inline = price_sample({"ckpt_s": 0.6, "checkpoints": [10, 20, 30]})
+    assert inline is not None and not inline.background and inline.saves == 3
+    assert CheckpointPrice().add(inline) == pytest.approx((0.2, 0.0))
+    assert price_sample({"ckpt_s": 0.0, "checkpoints": []}) is None
     # In the background: a group whose only save was its last (nothing trained beside it)
     # measured no drag, and a zero there would price a save at its snapshot alone.
-    first = {"ckpt_s": 0.004, "checkpoints": [50], "background_saves": 1,
-             "background_stall_s": 0.004, "background_drag_s": 0.0, "background_overlap_steps": 0}
-    assert checkpoint_price(first) is None
-    # A group that saved every step queued its saves: its stall is mostly the wait; the next
-    # group, at a longer interval, prices from its own numbers only.
-    saturated = {"ckpt_s": 6.0, "checkpoints": list(range(51, 101)), "background_saves": 50,
-                 "background_stall_s": 6.0, "background_drag_s": 15.0, "background_overlap_steps": 50}
-    assert checkpoint_price(saturated) == pytest.approx((0.12, 0.3))
-    settled = {"ckpt_s": 0.02, "checkpoints": [110, 120, 130, 140], "background_saves": 4,
-               "background_stall_s": 0.02, "background_drag_s": 0.64, "background_overlap_steps": 8}
-    assert checkpoint_price(settled) == pytest.approx((0.005, 0.16))
+    assert price_sample({"ckpt_s": 0.004, "checkpoints": [50], "background_saves": 1,
+                         "background_stall_s": 0.004, "background_drag_s": 0.0,
+                         "background_overlap_steps": 0}) is None
+
+    def background(stall_s: float, drag_s: float, saves: int) -> dict:
+        return {"ckpt_s": stall_s, "checkpoints": list(range(saves)), "background_saves": saves,
+                "background_stall_s": stall_s, "background_drag_s": drag_s,
+                "background_overlap_steps": 2 * saves}
+
+    price = CheckpointPrice(window=3)
+    price.add(inline)
+    # A group that saved every step queued its saves (its stall is mostly the wait); an
+    # in-line sample says nothing of a background save's drag, so only background ones count.
+    assert price.add(price_sample(background(6.0, 15.0, 50))) == pytest.approx((0.12, 0.3))
+    # Pooled over the newest three groups' saves, so a noisy group moves it less...
+    assert price.add(price_sample(background(0.02, 0.64, 4))) == pytest.approx((6.02 / 54, 15.64 / 54))
+    price.add(price_sample(background(0.02, 0.80, 4)))
+    # ...and the queued group is forgotten once three newer ones have measured.
+    assert price.add(price_sample(background(0.02, 0.48, 4))) == pytest.approx((0.005, 0.16))
