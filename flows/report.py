@@ -76,11 +76,6 @@ class RunTally:
     """summary["redundancy"]: standby, spares, roles, quarantined workers, replacements and the
     cluster's size at start and end (flows.redundancy.redundancy_state)."""
 
-    background_stall_s: float = 0.0
-    """Stall of every background save so far (--async-save)."""
-    background_saves: int = 0
-    background_drag_s: float = 0.0
-    """Extra seconds of the steps that overlapped a background save (tasks.background_saves.StepDrag)."""
     checkpoint_price: CheckpointPrice = field(default_factory=CheckpointPrice)
     """What --ckpt-every auto prices a checkpoint at: the newest groups' samples, kept for the
     run (an epoch subflow, or its retry, goes on from them)."""
@@ -100,9 +95,6 @@ class RunTally:
         self.vote_s += float(result.get("vote_s", 0.0))
         self.vote_wait_s += float(result.get("vote_wait_s", 0.0))
         self.steps_trained += int(result.get("steps_trained", 0))
-        self.background_stall_s += float(result.get("background_stall_s", 0.0))
-        self.background_saves += int(result.get("background_saves", 0))
-        self.background_drag_s += float(result.get("background_drag_s", 0.0))
 
     def absorb_eval(self, step: int, loss: float) -> None:
         self.evals.append((step, loss))
