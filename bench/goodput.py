@@ -41,12 +41,15 @@ Ratios: rebound_vs_torchrun_ettr = Rebound's ettr / torchrun's (aim >= 1.0), and
 torchrun_vs_rebound_wall = torchrun's wall_s / Rebound's (the same steps: > 1 means Rebound
 finished first; a step slowed by background work counts as productive in ETTR, not here). The
 table also says
-whether both ended with the same state_hash (a lossless resume reaches the same bits).
+whether both ended with the same state_hash (a lossless resume reaches the same bits), and how
+fast the machine was around each run (bench/_machine.py: a round in which it moved by more
+than 10% is flagged; --json: "machine", and each run's machine_gflops).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -62,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._local_api import kept_api_stopped_after
+from bench._machine import MachineSpeed
 from bench._table import print_table, with_spread
 from bench.recovery import (
     TORCHRUN_SCRIPT,
@@ -334,15 +338,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"torchrun: torch.save checkpoint {ckpt_s:.3f} s, step {step_s:.3f} s -> "
                   f"Young/Daly interval {args.torchrun_ckpt_every} steps", file=sys.stderr)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in CONTENDERS}
+    speed = MachineSpeed()
     with tempfile.TemporaryDirectory(prefix="rebound-bench-goodput-") as tmp:
         for round_no in range(args.rounds):
             order = list(CONTENDERS) if round_no % 2 == 0 else list(reversed(CONTENDERS))
             for name in order:
                 workdir = Path(tmp) / f"{name}-{round_no}"
                 workdir.mkdir()
+                run_args = argparse.Namespace(**{**vars(args), "seed": args.seed + round_no})
                 try:
-                    r = CONTENDERS[name](argparse.Namespace(**{**vars(args), "seed": args.seed + round_no}),
-                                         workdir)
+                    r = speed.around(round_no, functools.partial(CONTENDERS[name], run_args, workdir))
                 except BenchError as e:
                     print(f"bench.goodput: round {round_no + 1} {name}: {e}", file=sys.stderr)
                     r = {**dict.fromkeys(NUMERIC), "summary_failures": None, "kills_s": None, "state_hash": None,
@@ -371,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"rows": rows, "ratios": ratios, "runs": results, "probe": probe,
                           "kills": {"every_s": args.kill_every, "phase": args.kill_phase, "seed": args.seed},
+                          "machine": speed.report(),
                           "same_state_hash": len(hashes) == 1}))
     else:
         print_table(f"bench.goodput: {args.model}, {args.steps} steps, a kill every {args.kill_every:g} s "
@@ -379,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{args.rounds} round(s)", rows, ratios)
         print("final state_hash: " + ("identical in every run" if len(hashes) == 1
                                       else f"DIFFERS between runs: {sorted(map(str, hashes))}"))
+        print("\n".join(speed.lines()))
     return 1 if failed else 0
 
 

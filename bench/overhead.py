@@ -20,7 +20,9 @@ it in the table and as NAME_min / NAME_max in --json):
   ckpt_s        time spent checkpointing inside the window (Rebound: checkpoint_stall_s)
   final_loss    training loss at the end (plain loop: the last step's; Rebound: its summary's
                 train_loss)
---json adds "runs" (each contender's numbers, one entry per round) and "tokens".
+--json adds "runs" (each contender's numbers, one entry per round, with machine_gflops: how fast
+the machine was around that run, bench/_machine.py), "tokens" and "machine" (every probe, and
+how far each round's moved: a round that moved by more than 10% is flagged after the table).
 Ratio (lower is better):
   rebound_vs_plain_loop_wall = median rebound train_wall_s / median plain_loop train_wall_s
                                (target <= 1.10); start-up is kept out of it.
@@ -29,6 +31,7 @@ Ratio (lower is better):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -42,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._local_api import kept_api_stopped_after
+from bench._machine import MachineSpeed
 from bench._table import print_table, with_spread
 from storage import open_store
 
@@ -127,6 +131,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Run both contenders --rounds times in alternating order; rows and ratios (DESIGN §7)."""
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in CONTENDERS}
     tokens = None
+    speed = MachineSpeed()
     with tempfile.TemporaryDirectory(prefix="rebound-bench-") as tmp:
         for round_no in range(args.rounds):
             # Alternate, so neither always runs on a machine the other just warmed (or heated).
@@ -134,7 +139,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             for name in order:
                 workdir = Path(tmp) / f"{name}-{round_no}"
                 workdir.mkdir()
-                r = RUNNERS[name](args, workdir)
+                r = speed.around(round_no, functools.partial(RUNNERS[name], args, workdir))
                 tokens = r.get("tokens", tokens)
                 runs[name].append(r)
                 print(f"round {round_no + 1}/{args.rounds} {name}: train_wall_s "
@@ -152,7 +157,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     by = {r["method"]: r for r in rows}
     ratios = {"rebound_vs_plain_loop_wall":
               round(by["rebound"]["train_wall_s"] / by["plain_loop"]["train_wall_s"], 4)}
-    return {"rows": rows, "ratios": ratios, "runs": runs, "tokens": tokens}
+    return {"rows": rows, "ratios": ratios, "runs": runs, "tokens": tokens,
+            "machine": speed.report(), "machine_lines": speed.lines()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,12 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, subprocess.TimeoutExpired) as e:
         print(f"bench.overhead: {e}", file=sys.stderr)
         return 1
+    lines = out.pop("machine_lines")
     if args.json:
         print(json.dumps(out))
         return 0
     print_table(f"bench.overhead: {args.model}, {args.steps} steps, ckpt every {args.ckpt_every}, "
                 f"group {args.group_steps}, {args.threads} threads, device {args.device}, "
                 f"median (min-max) of {args.rounds} rounds", out["rows"], out["ratios"])
+    print("\n".join(lines))
     return 0
 
 

@@ -77,3 +77,7 @@ def test_goodput_bench_json(prefect_api: str) -> None:
         rows["torchrun"]["wall_s"] / rows["rebound"]["wall_s"], rel=1e-3)
     # Both resumed exactly: the same weights after the same steps.
     assert out["same_state_hash"], [r["state_hash"] for rs in runs.values() for r in rs]
+    # The machine was probed before and after each contender's run.
+    assert all(r["machine_gflops"] > 0 for rs in runs.values() for r in rs)
+    assert len(out["machine"]["rounds"]) == 1 and len(out["machine"]["rounds"][0]) == 4
+    assert len(out["machine"]["round_drift"]) == 1 and out["machine"]["round_drift"][0] >= 0

@@ -61,6 +61,9 @@ def test_overhead_bench_windows_and_spread(prefect_api: str) -> None:
         # at the marker's mtime (written before its fsync and the rename).
         assert r["window_end_unix"] > r["final_commit_unix"] > r["window_start_unix"]
         assert r["final_step"] == steps
+    # The machine was probed around each of the four runs: two probes each, per round.
+    assert [len(r) for r in out["machine"]["rounds"]] == [4, 4]
+    assert all(r["machine_gflops"] > 0 for rs in runs.values() for r in rs)
     ratio = out["ratios"]["rebound_vs_plain_loop_wall"]
     assert ratio == pytest.approx(rows["rebound"]["train_wall_s"] / rows["plain_loop"]["train_wall_s"],
                                   rel=0.01)
