@@ -64,10 +64,10 @@ class MachineSpeed:
         result["machine_gflops"] = round((before + after) / 2, 2)
         return result
 
-    def round_drift(self) -> list[float]:
+    def round_drift(self) -> list[float | None]:
         """Per round: how far its probes moved, max/min - 1 (0.15: the machine was 15% faster
-        at one moment of that round than at another)."""
-        return [round(max(p) / min(p) - 1, 4) for p in self.rounds if p and min(p) > 0]
+        at one moment of that round than at another); None for a round with no probe."""
+        return [round(max(p) / min(p) - 1, 4) if p and min(p) > 0 else None for p in self.rounds]
 
     def report(self) -> dict[str, Any]:
         """For --json: every probe, each round's drift and the limit a round is flagged at."""
@@ -77,16 +77,17 @@ class MachineSpeed:
                 "rounds": [[round(p, 2) for p in r] for r in self.rounds],
                 "round_drift": self.round_drift(), "drift_warn": DRIFT_WARN}
 
-    def lines(self) -> list[str]:
-        """What the table mode prints after its table: the speed, and every round that moved."""
-        probes = [p for r in self.rounds for p in r]
-        if not probes:
-            return []
-        out = [f"machine speed around the runs ({PROBE_SIZE}x{PROBE_SIZE} float32 matmul): "
-               f"{statistics.median(probes):.1f} GFLOP/s ({min(probes):.1f}-{max(probes):.1f})"]
-        for round_no, drift in enumerate(self.round_drift()):
-            if drift > DRIFT_WARN:
-                out.append(f"round {round_no + 1}: the machine's speed moved {drift:.0%} between "
-                           "its probes: its ratio says more about the machine than about the "
-                           "contenders")
-        return out
+
+def report_lines(report: dict[str, Any]) -> list[str]:
+    """What a bench prints after its table, from MachineSpeed.report(): the speed, and every
+    round that moved by more than the limit."""
+    probes = [p for r in report["rounds"] for p in r]
+    if not probes:
+        return []
+    out = [f"machine speed around the runs ({report['probe']}): {report['gflops_median']:.1f} "
+           f"({min(probes):.1f}-{max(probes):.1f})"]
+    for round_no, drift in enumerate(report["round_drift"]):
+        if drift is not None and drift > report["drift_warn"]:
+            out.append(f"round {round_no + 1}: the machine's speed moved {drift:.0%} between its "
+                       "probes: its ratio says more about the machine than about the contenders")
+    return out

@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._local_api import kept_api_stopped_after
-from bench._machine import MachineSpeed
+from bench._machine import MachineSpeed, report_lines
 from bench._table import print_table, with_spread
 from bench.recovery import (
     TORCHRUN_SCRIPT,
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{args.rounds} round(s)", rows, ratios)
         print("final state_hash: " + ("identical in every run" if len(hashes) == 1
                                       else f"DIFFERS between runs: {sorted(map(str, hashes))}"))
-        print("\n".join(speed.lines()))
+        print("\n".join(report_lines(speed.report())))
     return 1 if failed else 0
 
 

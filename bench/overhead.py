@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._local_api import kept_api_stopped_after
-from bench._machine import MachineSpeed
+from bench._machine import MachineSpeed, report_lines
 from bench._table import print_table, with_spread
 from storage import open_store
 
@@ -158,7 +158,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     ratios = {"rebound_vs_plain_loop_wall":
               round(by["rebound"]["train_wall_s"] / by["plain_loop"]["train_wall_s"], 4)}
     return {"rows": rows, "ratios": ratios, "runs": runs, "tokens": tokens,
-            "machine": speed.report(), "machine_lines": speed.lines()}
+            "machine": speed.report()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,14 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, subprocess.TimeoutExpired) as e:
         print(f"bench.overhead: {e}", file=sys.stderr)
         return 1
-    lines = out.pop("machine_lines")
     if args.json:
         print(json.dumps(out))
         return 0
     print_table(f"bench.overhead: {args.model}, {args.steps} steps, ckpt every {args.ckpt_every}, "
                 f"group {args.group_steps}, {args.threads} threads, device {args.device}, "
                 f"median (min-max) of {args.rounds} rounds", out["rows"], out["ratios"])
-    print("\n".join(lines))
+    print("\n".join(report_lines(out["machine"])))
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench._machine import DRIFT_WARN, MachineSpeed, machine_gflops
+from bench._machine import DRIFT_WARN, MachineSpeed, machine_gflops, report_lines
 
 
 def test_the_probe_measures_real_work() -> None:
@@ -22,7 +22,7 @@ def test_each_round_says_how_far_the_machine_moved() -> None:
     report = speed.report()
     assert report["rounds"] == [[40.0, 40.0, 40.0, 39.0], [40.0, 36.0, 34.0, 33.0]]
     assert report["drift_warn"] == DRIFT_WARN
-    lines = speed.lines()
+    lines = report_lines(report)
     # Only the round that moved by more than the limit is flagged.
     assert len(lines) == 2 and lines[1].startswith("round 2: the machine's speed moved 21%")
 
@@ -36,3 +36,5 @@ def test_a_failed_run_raises_and_leaves_no_probes_of_its_own() -> None:
     with pytest.raises(RuntimeError):
         speed.around(0, fails)
     assert speed.rounds == [[]]
+    # A round with no probe keeps its place (later rounds keep their numbers) and flags nothing.
+    assert speed.round_drift() == [None] and report_lines(speed.report()) == []
