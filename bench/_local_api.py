@@ -26,7 +26,11 @@ def kept_api_folder() -> Path:
 
 @contextmanager
 def kept_api_stopped_after() -> Iterator[None]:
-    """Stop, on the way out, a kept Prefect API started while inside."""
+    """Stop, on the way out, a kept Prefect API started while inside. The runs inside train
+    on clusters of their own (REBOUND_CLUSTER_IDLE=0 unless set): the benches find the
+    processes they kill in each run's process group, and time every contender's workers from
+    its command."""
+    os.environ.setdefault("REBOUND_CLUSTER_IDLE", "0")
     if os.environ.get("PREFECT_API_URL"):  # the runs use that server: none is kept
         yield
         return

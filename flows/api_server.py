@@ -14,6 +14,7 @@ import fcntl
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 IDLE_POLL_S = 1.0
@@ -21,7 +22,7 @@ IDLE_POLL_S = 1.0
 late is nothing, and a flock attempt costs microseconds."""
 
 
-def _record_is_mine(record: Path) -> bool:
+def record_is_mine(record: Path) -> bool:
     import json
 
     try:
@@ -30,10 +31,10 @@ def _record_is_mine(record: Path) -> bool:
         return False
 
 
-def exit_when_idle(server: object, users: Path, record: Path, idle_s: float) -> None:
-    """Ask uvicorn to stop (server.should_exit) once the users file has had no shared lock for
-    idle_s seconds; first withdraw the record, holding the exclusive lock until this process
-    ends."""
+def exit_when_idle(stop: Callable[[], None], users: Path, record: Path, idle_s: float) -> None:
+    """Call stop() once the users file has had no shared lock for idle_s seconds; first
+    withdraw the record (when it still names this process), holding the exclusive lock until
+    this process ends."""
     fd = os.open(users, os.O_RDWR | os.O_CREAT, 0o600)
     idle_since: float | None = None
     while True:
@@ -46,9 +47,9 @@ def exit_when_idle(server: object, users: Path, record: Path, idle_s: float) -> 
             idle_since = now if idle_since is None else idle_since
             if now - idle_since >= idle_s:
                 # Still holding the lock: no run can claim the record between these two lines.
-                if _record_is_mine(record):
+                if record_is_mine(record):
                     record.unlink(missing_ok=True)
-                server.should_exit = True  # type: ignore[attr-defined]
+                stop()
                 return  # the lock goes with the process
             fcntl.flock(fd, fcntl.LOCK_UN)
         time.sleep(IDLE_POLL_S)  # polling: flock offers no "released" notification
@@ -66,10 +67,13 @@ def main(argv: list[str] | None = None) -> None:
     server = uvicorn.Server(uvicorn.Config(
         "prefect.server.api.server:create_app", factory=True, host="127.0.0.1", port=args.port,
         log_level="error", lifespan="on"))
-    threading.Thread(target=exit_when_idle, args=(server, args.users, args.record, args.idle_s),
+    def stop() -> None:
+        server.should_exit = True
+
+    threading.Thread(target=exit_when_idle, args=(stop, args.users, args.record, args.idle_s),
                      daemon=True, name="idle-exit").start()
     server.run()
-    if _record_is_mine(args.record):  # stopped by a signal: leave no record behind
+    if record_is_mine(args.record):  # stopped by a signal: leave no record behind
         args.record.unlink(missing_ok=True)
 
 

@@ -180,22 +180,24 @@ def parse_params(argv: list[str] | None) -> tuple[Any, argparse.Namespace]:
 
 
 def main(argv: list[str] | None = None, local_api: Any = None,
-         started: float | None = None, server: Any = None) -> int:
+         started: float | None = None, server: Any = None, kept_cluster: Any = None) -> int:
     """Run the CLI; returns the exit status. ``local_api``: what
     flows.prefect_env.prepare_environment returned. ``started``: when the command began
     (default: now), so that the summary's start-up counts the imports before this call.
     ``server``: that API, already starting in the background
     (flows.prefect_env.ServerInBackground; default: started here once the run may go ahead);
-    a server of the run's own is stopped before this returns, a kept one is left running."""
+    a server of the run's own is stopped before this returns, a kept one is left running.
+    ``kept_cluster``: the local Dask cluster kept between runs that this run trains on
+    (flows.kept_cluster.claim_for_run; default: a cluster of the run's own)."""
     started = time.time() if started is None else started
     from flows.prefect_env import ServerInBackground
 
     server = server or ServerInBackground(local_api)
     with server:
-        return _main(argv, server, started)
+        return _main(argv, server, started, kept_cluster)
 
 
-def _main(argv: list[str] | None, server: Any, started: float) -> int:
+def _main(argv: list[str] | None, server: Any, started: float, kept_cluster: Any) -> int:
     params, args = parse_params(argv)
     from flows.plan import ConfigurationError, build_plan, check_store
 
@@ -235,11 +237,13 @@ def _main(argv: list[str] | None, server: Any, started: float) -> int:
         sys.stderr.write(f"error: run {plan.run.run_id} failed: {err}\n")
         return EXIT_FAILED
     with keeper:  # released (expired now) on the way out, unless it was lost
-        return _run(params, plan, server, started, show_progress=not args.no_progress)
+        return _run(params, plan, server, started, kept_cluster,
+                    show_progress=not args.no_progress)
 
 
-def _run(params: Any, plan: Any, server: Any, started: float, show_progress: bool) -> int:
-    from flows.cluster import cuda_available, local_cluster
+def _run(params: Any, plan: Any, server: Any, started: float, kept_cluster: Any,
+         show_progress: bool) -> int:
+    from flows.cluster import MANAGERS, cuda_available, local_cluster
     from flows.plan import ConfigurationError
     from flows.prefect_env import rebound_home
     from flows.progress_view import ProgressView
@@ -265,7 +269,13 @@ def _run(params: Any, plan: Any, server: Any, started: float, show_progress: boo
             # The Prefect server and the cluster start side by side: both take seconds.
             server_ready = stack.enter_context(server)
             address = params.cluster
-            if address is None:
+            if address is None and kept_cluster is not None:
+                from flows.kept_cluster import KeptClusterManager
+
+                address = kept_cluster.wait_address()
+                MANAGERS[address] = KeptClusterManager(address)
+                stack.callback(MANAGERS.pop, address, None)
+            elif address is None:
                 cluster = stack.enter_context(
                     local_cluster(local_cluster_size(params), rebound_home() / "dask", use_gpu,
                                   boot_low=params.standby == "hot"))
@@ -298,6 +308,10 @@ def _run(params: Any, plan: Any, server: Any, started: float, show_progress: boo
         restamp_wall(summary, time.time() - started)  # the server and cluster start-up count
     print_summary(Console(), summary)
     _say_kept_api(getattr(server, "api", None))
+    if kept_cluster is not None and kept_cluster.started_here and kept_cluster.address:
+        from flows.kept_cluster import describe
+
+        sys.stderr.write(describe(kept_cluster) + "\n")
     if params.summary_json:
         write_summary_json(summary, params.summary_json)
     return status

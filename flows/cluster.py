@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import dask
 from distributed import Client, LocalCluster
 
+from flows.gpu_probe import cuda_available
 from flows.versions import check_versions
 from flows.worker_forkserver import PRE_SPAWN_ENV
 from tasks.priority import BOOT_PRIORITY_ENV
@@ -22,11 +23,14 @@ check_versions()
 
 CLUSTER_START_TIMEOUT = timedelta(seconds=120)
 
-MANAGERS: dict[str, LocalCluster] = {}
+__all__ = ["MANAGERS", "cuda_available", "local_cluster", "rescale"]
+
+MANAGERS: dict[str, Any] = {}
 """Scheduler address -> the LocalCluster this process started, while it runs. The CLI starts the
 cluster and hands the flow only its address (a Prefect parameter cannot hold a live object):
 the flow, in the same process, finds the manager here to ask it for replacement workers
-(flows/redundancy.py). An address missing here is an external cluster: no manager."""
+(flows/redundancy.py). An address missing here is an external cluster: no manager. A cluster
+kept between runs (flows/kept_cluster.py) is managed from its own process, through a proxy."""
 
 DASK_SETTINGS = {
     # A worker is declared dead when its heartbeats stop for this long. Our batch groups are
@@ -66,21 +70,6 @@ def _env_name(key: str) -> str:
 def dask_settings() -> dict[str, object]:
     """Our defaults, except where the environment sets a key (an operator, or a test)."""
     return {k: v for k, v in DASK_SETTINGS.items() if _env_name(k) not in os.environ}
-
-
-GPU_DRIVER_PATHS = ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/kfd")
-"""On Linux a GPU torch can use shows up here (NVIDIA's driver; ROCm's /dev/kfd) before any
-library is loaded."""
-
-
-def cuda_available() -> bool:
-    """Whether this machine has a GPU torch can train on. Without a GPU driver on Linux the
-    answer is known without importing torch (~1.8 s of the coordinator's start-up)."""
-    if sys.platform.startswith("linux") and not any(os.path.exists(p) for p in GPU_DRIVER_PATHS):
-        return False
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 @contextmanager
@@ -142,3 +131,29 @@ def running_workers(client: Client) -> set[str]:
     except Exception:  # noqa: BLE001 - unreachable: the caller's watcher reports a lost cluster
         return set()
     return {addr for addr, info in workers.items() if info.get("status", "running") == "running"}
+
+
+def rescale(manager: Any, drop: str | None, target: int, fresh: str) -> None:
+    """Bring `manager` (a SpecCluster) back to `target` workers; the slot running worker `drop`
+    (a quarantined one) is given to a new worker named `fresh` first. Runs on the manager's
+    event loop."""
+    slot = _slot_of(manager, drop) if drop is not None else None
+    if slot is not None and manager.worker_spec.pop(slot, None) is not None:
+        # A new name, never the dropped one: SpecCluster.new_worker_spec would hand the
+        # dropped name out again, and a slot whose name is still open starts nothing.
+        [spec] = manager.new_worker_spec().values()
+        manager.worker_spec[fresh] = spec
+    manager.scale(target)
+
+
+def _slot_of(manager: Any, worker: str) -> Any | None:
+    """The SpecCluster slot (worker_spec name) running `worker`, None when it has none."""
+    if not hasattr(manager, "worker_spec"):
+        return None
+    name = manager.scheduler_info.get("workers", {}).get(worker, {}).get("name")
+    if name in manager.worker_spec:
+        return name
+    for slot, nanny in list(manager.workers.items()):
+        if getattr(nanny, "worker_address", None) == worker:
+            return slot
+    return None

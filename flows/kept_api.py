@@ -45,11 +45,12 @@ class BadIdleSetting(ValueError):
     """REBOUND_API_IDLE is not a duration."""
 
 
-def idle_s_from_env() -> float:
-    """REBOUND_API_IDLE in seconds: '10m', '90s', '600'; '0' stops the server with each run."""
-    text = os.environ.get(IDLE_ENV, "").strip()
+def idle_s_from_env(name: str = IDLE_ENV, default_s: float = DEFAULT_IDLE_S) -> float:
+    """An idle window from the environment variable `name` in seconds: '10m', '90s', '600';
+    '0' keeps nothing between runs (the server, or the cluster, stops with each run)."""
+    text = os.environ.get(name, "").strip()
     if not text:
-        return DEFAULT_IDLE_S
+        return default_s
     if text in ("0", "0s"):
         return 0.0
     from flows.params import parse_duration_s
@@ -57,8 +58,8 @@ def idle_s_from_env() -> float:
     try:
         return parse_duration_s(text)
     except ValueError:
-        raise BadIdleSetting(f"{IDLE_ENV}={text!r} is not a duration such as 10m, 90s or 0 "
-                             "(0: no server kept between runs)") from None
+        raise BadIdleSetting(f"{name}={text!r} is not a duration such as 10m, 90s or 0 "
+                             "(0: nothing kept between runs)") from None
 
 
 @dataclass
@@ -113,7 +114,7 @@ class LocalApi:
         """The kept server's exit status once it has gone (-1 when not our child), else None."""
         if self.process is not None:
             return self.process.poll()
-        return None if self.pid is not None and _pid_alive(self.pid) else -1
+        return None if self.pid is not None and pid_alive(self.pid) else -1
 
 
 def settings_key() -> str:
@@ -127,7 +128,7 @@ def settings_key() -> str:
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:32]
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -143,7 +144,7 @@ def _is_our_server(record: dict) -> bool:
     """The record's PID is alive and runs flows.api_server on the record's port (a PID the
     system gave to another process since is not ours)."""
     pid, port = int(record["pid"]), int(record["port"])
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return False
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -214,7 +215,7 @@ def stop_kept_server(folder: Path, timeout_s: float = 30.0) -> int | None:
     pid = int(record["pid"])
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while _pid_alive(pid):
+    while pid_alive(pid):
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
             deadline += timeout_s

@@ -8,7 +8,8 @@ tells the Provisioner what the scheduler sees; the Provisioner asks for workers 
 what each replacement cost (request to join).
 
 Who starts the replacement:
-- A LocalCluster this process started (flows.cluster.MANAGERS, by scheduler address). A
+- A LocalCluster this process started (flows.cluster.MANAGERS, by scheduler address), or the
+  one a kept cluster's process holds (flows/kept_cluster.py, through its proxy). A
   SpecCluster counts workers by slot (`worker_spec`, one name each), not by live process, and a
   slot's nanny restarts its worker process when that process dies. So for a SIGKILLed worker,
   `scale(target)` adds no slot: the nanny's restart (same name, new process, new address) is the
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
-from flows.cluster import MANAGERS, running_workers
+from flows.cluster import MANAGERS, rescale, running_workers
 
 if TYPE_CHECKING:
     from flows.params import TrainParams
@@ -153,21 +154,15 @@ class Provisioner:
 
     def _ask_manager(self, drop: str | None) -> None:
         """scale(target) on the manager's own event loop; the slot of `drop` is given to a new
-        worker first."""
+        worker first. A kept cluster's proxy (flows/kept_cluster.py) does the same in the
+        process that holds the cluster."""
         manager = self.manager
-        slot = _slot_of(manager, drop) if drop is not None else None
         fresh = f"replacement-{len(self.replacements)}"
-
-        def rescale() -> None:
-            if slot is not None and manager.worker_spec.pop(slot, None) is not None:
-                # A new name, never the dropped one: SpecCluster.new_worker_spec would hand the
-                # dropped name out again, and a slot whose name is still open starts nothing.
-                [spec] = manager.new_worker_spec().values()
-                manager.worker_spec[fresh] = spec
-            manager.scale(self.target)
-
         try:
-            manager.loop.add_callback(rescale)
+            if hasattr(manager, "replace_worker"):
+                manager.replace_worker(drop, self.target, fresh, self.say)
+            else:
+                manager.loop.add_callback(rescale, manager, drop, self.target, fresh)
         except Exception as err:  # noqa: BLE001 - a closing cluster: the run ends anyway
             self.say(f"could not ask the cluster for a worker: {type(err).__name__}: {err}")
 
@@ -210,19 +205,6 @@ class Provisioner:
                 "replacements": replacements,
                 "cluster_size": {"start": self.start_size, "end": end_size,
                                  "target": self.target}}
-
-
-def _slot_of(manager: Any, worker: str) -> Any | None:
-    """The SpecCluster slot (worker_spec name) running `worker`, None when it has none."""
-    if not hasattr(manager, "worker_spec"):
-        return None
-    name = manager.scheduler_info.get("workers", {}).get(worker, {}).get("name")
-    if name in manager.worker_spec:
-        return name
-    for slot, nanny in list(manager.workers.items()):
-        if getattr(nanny, "worker_address", None) == worker:
-            return slot
-    return None
 
 
 def _run_say() -> Callable[[str], None]:

@@ -20,10 +20,14 @@ if __name__ == "__main__":
     from flows.worker_forkserver import start_worker_forkserver
 
     _PARAMS, _ = parse_params(None)  # --help and bad usage end here, before anything starts
+    from flows.kept_cluster import claim_for_run
+
+    # Workers kept from an earlier run need no forkserver; the first run's come up meanwhile.
+    _KEPT_CLUSTER = claim_for_run(_PARAMS, _LOCAL_API)
     # Both take seconds of their own CPU: started now, they overlap the imports below.
     _SERVER = ServerInBackground(_LOCAL_API)
     _SERVER.__enter__()  # left in flows.cli.main, on every way out
-    if _PARAMS.cluster is None:  # else the cluster's own workers train: none to start
+    if _PARAMS.cluster is None and _KEPT_CLUSTER is None:  # else no worker to start here
         start_worker_forkserver()
 
 import contextlib  # noqa: E402
@@ -515,4 +519,5 @@ quiet_one_line_failures(RunFailed, InfrastructureError)
 if __name__ == "__main__":
     from flows.cli import main
 
-    sys.exit(main(local_api=_LOCAL_API, started=_STARTED, server=_SERVER))
+    sys.exit(main(local_api=_LOCAL_API, started=_STARTED, server=_SERVER,
+                  kept_cluster=_KEPT_CLUSTER))

@@ -25,6 +25,8 @@ os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
 # A CLI run that starts its own Prefect API stops it with itself, never leaving one behind for
 # later runs: tests stop what they start. tests/test_kept_api.py sets its own value.
 os.environ.setdefault("REBOUND_API_IDLE", "0")
+# The same for the Dask cluster kept between runs; tests/test_kept_cluster.py sets its own.
+os.environ.setdefault("REBOUND_CLUSTER_IDLE", "0")
 
 
 @pytest.fixture(scope="session")

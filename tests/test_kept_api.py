@@ -162,7 +162,7 @@ def test_a_bad_idle_setting_is_refused_in_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "error: REBOUND_API_IDLE='soon' is not a duration such as 10m, 90s or 0 "
-        "(0: no server kept between runs)"]
+        "(0: nothing kept between runs)"]
     assert not (tmp_path / "home" / "prefect" / RECORD).exists()
 
 

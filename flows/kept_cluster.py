@@ -1,0 +1,294 @@
+"""One local Dask cluster kept between the runs of a REBOUND_HOME, as the Prefect API is.
+
+From the command to the first step a local run spends ~7-9 s here, and most of it is the
+workers' forkserver importing torch, torch._dynamo and Prefect (8 CPU-s) and the coordinator's
+own imports, side by side on 2 cores. Workers that exist before the command remove the first:
+the first run starts `python -m flows.cluster_server` detached (its own session, 127.0.0.1
+only), which holds a LocalCluster of the run's size, and records it in REBOUND_HOME/cluster.json;
+later runs of the same shape use it as they would a --cluster, and it exits by itself after
+REBOUND_CLUSTER_IDLE (default 10m) without a run. REBOUND_CLUSTER_IDLE=0 turns it off.
+
+Reuse is safe because:
+- a run uses only a cluster started for the same key: the worker count, the GPU choice, the
+  interpreter, the versions of Rebound's dependencies, our own source files (size and mtime)
+  and the whole environment the workers inherit (Prefect's API URL included) and working
+  directory. A workers' process imported our code once: an edited file must never train with
+  the old one. Any other run starts a cluster that takes over the record; the old one, with
+  nobody using it, leaves after its idle window;
+- what a worker keeps from one run to the next is keyed by run and config (tasks/worker_cache)
+  and a resumed run may only continue from a trainer whose memory equals the checkpoint it
+  starts from, as on any --cluster;
+- each cluster has its own users file, on which every run that uses it holds a shared flock from
+  before it looks until it exits (SIGKILL included); the server leaves only while it holds the
+  exclusive lock, so it never goes away under a run, nor between a run's look and its use;
+- discovery and start-up are serialised by REBOUND_HOME/cluster.lock: two runs at once start one.
+
+Only hot standby keeps its cluster: cold standby starts a worker per failure from a cluster of
+the run's own. The kept cluster's manager lives in its process: the run asks it for
+replacements through its scheduler (KeptClusterManager).
+
+This module imports neither Dask nor torch: the CLI claims the cluster before its imports, so
+that a run which reuses one never starts a forkserver of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flows.kept_api import idle_s_from_env, pid_alive
+
+IDLE_ENV = "REBOUND_CLUSTER_IDLE"
+DEFAULT_IDLE_S = 600.0
+RECORD, START_LOCK, LOG = "cluster.json", "cluster.lock", "cluster.log"
+START_TIMEOUT_S = 180.0
+"""The first run waits this long for the server's workers (a LocalCluster allows 120 s)."""
+
+ROOT = Path(__file__).resolve().parents[1]
+OUR_PACKAGES = ("flows", "tasks", "training", "storage")
+DEPENDENCIES = ("torch", "dask", "distributed", "prefect", "zarr", "numpy", "xxhash")
+VOLATILE_ENV = frozenset({"PWD", "OLDPWD", "SHLVL", "_", "TERM", "COLUMNS", "LINES",
+                          "TERM_PROGRAM", "TERM_PROGRAM_VERSION", "SSH_TTY", "SSH_CONNECTION",
+                          "SSH_CLIENT", "DISPLAY", "WINDOWID", "REBOUND_API_IDLE",
+                          "REBOUND_CLUSTER_IDLE"})
+"""Environment variables a worker never reads: they differ from one shell to the next, or say
+only how long the coordinator's servers stay."""
+
+_USERS_FD: list[int] = []
+"""This process's shared lock on its cluster's users file, held until it exits."""
+
+
+def idle_s() -> float:
+    """REBOUND_CLUSTER_IDLE in seconds (BadIdleSetting when it is not a duration)."""
+    return idle_s_from_env(IDLE_ENV, DEFAULT_IDLE_S)
+
+
+def cluster_key(n_workers: int, use_gpu: bool) -> str:
+    """What a kept cluster's workers were started with that a run relies on."""
+    code = []
+    for package in OUR_PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            st = path.stat()
+            code.append((str(path.relative_to(ROOT)), st.st_size, st.st_mtime_ns))
+    versions = {}
+    for name in DEPENDENCIES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[name] = importlib.metadata.version(name)
+    payload = {"workers": n_workers, "gpu": use_gpu, "python": sys.executable,
+               "cwd": os.getcwd(), "versions": sorted(versions.items()), "code": code,
+               "env": sorted((k, v) for k, v in os.environ.items() if k not in VOLATILE_ENV)}
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:32]
+
+
+def _is_our_server(record: dict) -> bool:
+    """The record's PID is alive and runs flows.cluster_server for the record's key (a PID the
+    system gave to another process since is not ours)."""
+    pid = int(record["pid"])
+    if not pid_alive(pid):
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return sys.platform != "linux"  # no /proc: trust the live PID
+    return b"flows.cluster_server" in argv and str(record["key"]).encode() in argv
+
+
+def read_record(home: Path) -> dict | None:
+    """The kept cluster's record in REBOUND_HOME when it names a live server of ours."""
+    try:
+        record = json.loads((home / RECORD).read_text())
+        return record if _is_our_server(record) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+@dataclass
+class KeptCluster:
+    """The kept cluster a run uses: found running, or being started by this run."""
+
+    home: Path
+    key: str
+    idle_s: float
+    started_here: bool
+    address: str | None = None
+    pid: int | None = None
+    process: subprocess.Popen | None = field(default=None, repr=False)
+    lock_fd: int | None = field(default=None, repr=False)
+    """The start lock, held from the look that found no cluster until it is up."""
+
+    def wait_address(self) -> str:
+        """The scheduler's address; for a cluster this run started, once its workers are up
+        (then the record is written and other runs may look). RuntimeError when it failed."""
+        if self.address is not None:
+            return self.address
+        process, lock_fd = self.process, self.lock_fd
+        assert process is not None and process.stdout is not None and lock_fd is not None
+        try:
+            line = _read_line(process, START_TIMEOUT_S)
+            if not line.startswith("tcp://"):
+                raise RuntimeError(f"the kept Dask cluster did not start (see {self.home / LOG})")
+            self.address = line
+            record = {"pid": process.pid, "address": line, "key": self.key,
+                      "idle_s": self.idle_s, "python": sys.executable,
+                      "started_unix": time.time()}
+            tmp = self.home / f"{RECORD}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(record, indent=1))
+            os.replace(tmp, self.home / RECORD)
+            return line
+        finally:
+            process.stdout.close()
+            os.close(lock_fd)
+            self.lock_fd = None
+
+
+def _read_line(process: subprocess.Popen, timeout_s: float) -> str:
+    """The server's first line (its address), or '' when it exited or timed out first."""
+    assert process.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(process.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout_s):
+            return ""
+    return process.stdout.readline().decode(errors="replace").strip()
+
+
+def _hold_users(home: Path, key: str) -> None:
+    """Hold this process's use of the cluster with `key` until it exits (one per process)."""
+    if _USERS_FD:
+        return
+    fd = os.open(users_file(home, key), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # waits out a server that is leaving
+    _USERS_FD.append(fd)
+
+
+def users_file(home: Path, key: str) -> Path:
+    return home / f"cluster-{key[:16]}.users"
+
+
+def claim(home: Path, n_workers: int, use_gpu: bool, idle: float) -> KeptCluster:
+    """This run's kept cluster of `n_workers` workers: the one running for this key, or one this
+    process starts now (its workers come up while the run goes on with its imports;
+    `wait_address` waits for them). Holds this process's use of it until exit."""
+    home.mkdir(parents=True, exist_ok=True)
+    key = cluster_key(n_workers, use_gpu)
+    _hold_users(home, key)
+    lock_fd = os.open(home / START_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        record = read_record(home)
+        if record is not None and record.get("key") == key:
+            os.close(lock_fd)
+            return KeptCluster(home, key, float(record["idle_s"]), started_here=False,
+                               address=str(record["address"]), pid=int(record["pid"]))
+        process = _spawn(home, key, n_workers, use_gpu, idle)
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    return KeptCluster(home, key, idle, started_here=True, pid=process.pid, process=process,
+                       lock_fd=lock_fd)
+
+
+def _spawn(home: Path, key: str, n_workers: int, use_gpu: bool,
+           idle: float) -> subprocess.Popen:
+    log = open(home / LOG, "ab")  # noqa: SIM115 - the child holds it; ours closes below
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "flows.cluster_server", "--workers", str(n_workers),
+             "--gpu", str(int(use_gpu)), "--dir", str(home / "dask"), "--idle-s", str(idle),
+             "--users", str(users_file(home, key)), "--record", str(home / RECORD),
+             "--key", key],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+            start_new_session=True,  # not in the run's process group: it outlives the run
+            cwd=os.getcwd())
+    finally:
+        log.close()
+
+
+class KeptClusterManager:
+    """MANAGERS' entry for a kept cluster: its LocalCluster lives in the server's process, the
+    same process as its scheduler, so the run reaches it through the scheduler."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def replace_worker(self, drop: str | None, target: int, fresh: str,
+                       say: Callable[[str], None] = print) -> None:
+        """flows.cluster.rescale in the server's process; returns at once (the caller is the
+        scheduler's event thread, and the new worker's join is an event of its own). A
+        request that cannot be sent is said in one line."""
+        threading.Thread(target=self.rescale, args=(drop, target, fresh, say), daemon=True,
+                         name="kept-cluster-rescale").start()
+
+    def rescale(self, drop: str | None, target: int, fresh: str,
+                say: Callable[[str], None] = print) -> None:
+        """What replace_worker does, in the caller's thread."""
+        from distributed import Client
+
+        from flows.cluster_server import rescale_kept
+
+        try:
+            with Client(self.address, timeout=30, set_as_default=False) as client:
+                client.run_on_scheduler(rescale_kept, drop, target, fresh)
+        except Exception as err:  # noqa: BLE001 - one line; a lost scheduler fails the run
+            say(f"could not ask the kept cluster for a worker: {type(err).__name__}: {err}")
+
+
+def stop_kept_cluster(home: Path, timeout_s: float = 60.0) -> int | None:
+    """SIGTERM the kept cluster of `home` (REBOUND_HOME) by its PID and wait for it to close
+    its workers and exit; its PID, or None when none runs. For benches and tests."""
+    record = read_record(home)
+    if record is None:
+        return None
+    pid = int(record["pid"])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            deadline += timeout_s
+        time.sleep(0.05)  # polling: a process that is not our child cannot be waited for
+    return pid
+
+
+def describe(kept: Any) -> str:
+    """The one line a run that started the kept cluster prints after its summary."""
+    idle = f"{kept.idle_s / 60:g} min" if kept.idle_s >= 60 else f"{kept.idle_s:g} s"
+    return (f"note: the Dask cluster at {kept.address} (pid {kept.pid}) stays up for later "
+            f"runs like this one until {idle} pass without one ({IDLE_ENV}; 0: stop it with "
+            "each run)")
+
+
+def claim_for_run(params: Any, local_api: Any) -> KeptCluster | None:
+    """The kept cluster a CLI run trains on, claimed (and if need be started) right after its
+    flags are parsed; None when this run starts a cluster of its own (or trains on --cluster).
+    A bad REBOUND_CLUSTER_IDLE exits 2 with one line, before anything starts."""
+    from flows.kept_api import BadIdleSetting
+
+    try:
+        idle = idle_s()
+    except BadIdleSetting as err:
+        sys.stderr.write(f"error: {err}\n")
+        raise SystemExit(2) from None
+    if idle <= 0 or params.cluster is not None or params.standby != "hot":
+        return None
+    if local_api is not None and not local_api.kept:
+        return None  # the run's own API stops with it: kept workers would report to nothing
+    from flows.gpu_probe import cuda_available
+    from flows.prefect_env import rebound_home
+
+    use_gpu = params.device == "cuda" or (params.device == "auto" and cuda_available())
+    # flows.redundancy.local_cluster_size for hot standby, without importing Dask here.
+    return claim(rebound_home(), params.ranks_total + params.spares, use_gpu, idle)

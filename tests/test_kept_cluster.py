@@ -1,0 +1,162 @@
+"""The local Dask cluster kept between runs (flows/kept_cluster.py, flows/cluster_server.py):
+real servers, real runs; every server a test starts is stopped by its PID, also on failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from distributed import Client
+
+from flows.kept_api import pid_alive
+from flows.kept_cluster import (
+    RECORD,
+    KeptClusterManager,
+    cluster_key,
+    read_record,
+    stop_kept_cluster,
+)
+from tests.cli_helpers import ROOT, cli_args, read_summary, run_cli
+from tests.test_kept_api import _await_exit
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    """A REBOUND_HOME whose kept clusters are all stopped at the end, by PID."""
+    folder = tmp_path / "rebound-home"
+    started: list[int] = []
+    try:
+        yield folder
+    finally:
+        record = read_record(folder)
+        if record is not None:
+            started.append(int(record["pid"]))
+        stop_kept_cluster(folder)
+        for pid in started:
+            assert _await_exit(pid, 60)
+
+
+def _workers(address: str) -> dict[str, int]:
+    """Worker address -> PID of its process."""
+    with Client(address, timeout=30, set_as_default=False) as client:
+        return dict(client.run(os.getpid))
+
+
+def test_runs_share_one_kept_cluster_bit_exact_and_it_replaces_a_worker_on_request(
+        home: Path, tmp_path: Path, corpus: Path, prefect_api: str,
+        reference: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REBOUND_HOME", str(home))
+    monkeypatch.setenv("REBOUND_CLUSTER_IDLE", "2m")
+    summaries, notes = [], []
+    for n in (1, 2):
+        path = tmp_path / f"summary{n}.json"
+        done = run_cli(cli_args(tmp_path / f"store{n}", corpus, "reference", "--summary-json",
+                                str(path)))
+        assert done.returncode == 0, done.stderr[-3000:]
+        summaries.append(read_summary(path))
+        notes.append([line for line in done.stderr.splitlines()
+                      if line.startswith("note: the Dask cluster")])
+        if n == 1:
+            record = read_record(home)
+            assert record is not None, "the first run left no kept cluster"
+            workers = _workers(record["address"])
+    # The first run says that the cluster stays, and how to turn it off; the second reuses it.
+    assert len(notes[0]) == 1 and record["address"] in notes[0][0] and \
+        "REBOUND_CLUSTER_IDLE" in notes[0][0]
+    assert notes[1] == []
+    assert read_record(home) == record
+    # The second run trained on the same worker processes: it started none.
+    assert _workers(record["address"]) == workers
+    for summary in summaries:
+        assert summary["status"] == "completed"
+        assert set(summary["redundancy"]["roles"]) | set(summary["redundancy"]["spares"]) == \
+            set(workers)
+        # Bit-exact with the same run on a cluster of its own (REBOUND_CLUSTER_IDLE=0).
+        assert summary["state_hash"] == reference["state_hash"]
+
+    # A quarantine's replacement, asked through the proxy the run registers as the manager.
+    spare = summaries[1]["redundancy"]["spares"][0]
+    said: list[str] = []
+    KeptClusterManager(record["address"]).rescale(spare, len(workers), "replacement-1",
+                                                   said.append)
+    assert said == []
+    deadline = time.monotonic() + 120
+    now = _workers(record["address"])
+    while spare in now or len(now) < len(workers):
+        assert time.monotonic() < deadline, f"no replacement for {spare}: {now}"
+        time.sleep(0.2)  # polling: the join is an event of the server's scheduler
+        now = _workers(record["address"])
+    assert len(now) == len(workers) and spare not in now
+
+    # SIGTERM closes the workers with the server, and its record goes.
+    pid = stop_kept_cluster(home)
+    assert pid == record["pid"] and not (home / RECORD).exists()
+    assert not any(pid_alive(p) for p in now.values())
+
+
+IDLE_S = 15.0
+"""Long enough for the next claim to arrive before an unused cluster leaves."""
+
+
+def _claim(home: Path, **env: str) -> dict[str, Any]:
+    """A process that claims the kept cluster of one worker, says what it got and exits."""
+    code = ("import json, pathlib, sys; from flows.kept_cluster import claim; "
+            "k = claim(pathlib.Path(sys.argv[1]), 1, False, float(sys.argv[2])); "
+            "print(json.dumps({'address': k.wait_address(), 'pid': k.pid, "
+            "'started_here': k.started_here, 'key': k.key}))")
+    done = subprocess.run([sys.executable, "-c", code, str(home), str(IDLE_S)], cwd=ROOT,
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_another_environment_gets_its_own_cluster_and_an_idle_one_leaves(home: Path) -> None:
+    first = _claim(home)
+    again = _claim(home)
+    assert first["started_here"] and not again["started_here"]
+    assert (again["pid"], again["address"]) == (first["pid"], first["address"])
+    # Workers inherit the environment: another one is another cluster, which takes the record.
+    other = _claim(home, REBOUND_TEST_SETTING="1")
+    assert other["started_here"] and other["pid"] != first["pid"]
+    assert other["key"] != first["key"]
+    assert read_record(home)["pid"] == other["pid"]  # type: ignore[index]
+    # Nobody uses either now: both leave after their idle window, the record with its owner.
+    assert _await_exit(first["pid"], 90) and _await_exit(other["pid"], 90)
+    assert not (home / RECORD).exists()
+
+
+def test_the_key_follows_our_code(tmp_path: Path) -> None:
+    before = cluster_key(2, False)
+    assert cluster_key(2, False) == before
+    assert cluster_key(3, False) != before and cluster_key(2, True) != before
+    module = ROOT / "flows" / "kept_cluster.py"
+    st = module.stat()
+    try:
+        os.utime(module, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        assert cluster_key(2, False) != before  # an edited file never runs with the old code
+    finally:
+        os.utime(module, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert cluster_key(2, False) == before
+
+
+def test_a_bad_idle_setting_is_one_line_and_starts_nothing(tmp_path: Path, corpus: Path) -> None:
+    home = tmp_path / "home"
+    env = {**os.environ, "REBOUND_HOME": str(home), "REBOUND_CLUSTER_IDLE": "later"}
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.train", "--no-progress",
+         *cli_args(tmp_path / "store", corpus, "bad")], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: REBOUND_CLUSTER_IDLE='later' is not a duration such as 10m, 90s or 0 "
+        "(0: nothing kept between runs)"]
+    assert not (home / RECORD).exists() and not (tmp_path / "store").exists()
