@@ -2,19 +2,22 @@
 (flows/kept_cluster.py).
 
 Holds a LocalCluster exactly as a run would start it (flows.cluster.local_cluster: hot standby,
-workers forked from a warm forkserver), prints the scheduler's address on its stdout once the
-workers are up, and exits on its own once no run has used it for --idle-s seconds
+workers forked from a warm forkserver), records itself in REBOUND_HOME/cluster.json and prints
+the scheduler's address on its stdout once the workers are up, and exits on its own once no run has used it for --idle-s seconds
 (flows.api_server.exit_when_idle), closing its workers. SIGTERM closes them too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import json
 import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,14 @@ def rescale_kept(drop: str | None, target: int, fresh: str) -> None:
     cluster.loop.add_callback(rescale, cluster, drop, target, fresh)
 
 
+def _write_record(record: Path, address: str, key: str, idle_s: float) -> None:
+    doc = {"pid": os.getpid(), "address": address, "key": key, "idle_s": idle_s,
+           "python": sys.executable, "started_unix": time.time()}
+    tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, record)
+
+
 def _stop_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(0)  # unwinds through local_cluster's exit: the workers are closed
 
@@ -44,6 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--users", type=Path, required=True)
     parser.add_argument("--record", type=Path, required=True)
     parser.add_argument("--key", required=True, help="the key it was started for (its record)")
+    parser.add_argument("--lock-fd", type=int, required=True,
+                        help="the start lock, held by the run that started this server: "
+                        "released once the record is written")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     from flows.worker_forkserver import start_worker_forkserver
@@ -59,7 +73,10 @@ def main(argv: list[str] | None = None) -> None:
             # Run as __main__, this file is a module of its own; the scheduler resolves
             # rescale_kept (pickled by name) in flows.cluster_server, so register it there.
             importlib.import_module("flows.cluster_server").KEPT.append(cluster)
-            print(cluster.scheduler_address, flush=True)
+            _write_record(args.record, cluster.scheduler_address, args.key, args.idle_s)
+            os.close(args.lock_fd)  # other runs may look now, and find it
+            with contextlib.suppress(BrokenPipeError):  # the run that started it has ended
+                print(cluster.scheduler_address, flush=True)
             os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # the run reads one line
             threading.Thread(target=exit_when_idle,
                              args=(stop.set, args.users, args.record, args.idle_s),

@@ -127,32 +127,22 @@ class KeptCluster:
     address: str | None = None
     pid: int | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
-    lock_fd: int | None = field(default=None, repr=False)
-    """The start lock, held from the look that found no cluster until it is up."""
 
     def wait_address(self) -> str:
-        """The scheduler's address; for a cluster this run started, once its workers are up
-        (then the record is written and other runs may look). RuntimeError when it failed."""
+        """The scheduler's address; for a cluster this run started, once its workers are up.
+        RuntimeError when it failed to start."""
         if self.address is not None:
             return self.address
-        process, lock_fd = self.process, self.lock_fd
-        assert process is not None and process.stdout is not None and lock_fd is not None
+        process = self.process
+        assert process is not None and process.stdout is not None
         try:
             line = _read_line(process, START_TIMEOUT_S)
-            if not line.startswith("tcp://"):
-                raise RuntimeError(f"the kept Dask cluster did not start (see {self.home / LOG})")
-            self.address = line
-            record = {"pid": process.pid, "address": line, "key": self.key,
-                      "idle_s": self.idle_s, "python": sys.executable,
-                      "started_unix": time.time()}
-            tmp = self.home / f"{RECORD}.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps(record, indent=1))
-            os.replace(tmp, self.home / RECORD)
-            return line
         finally:
             process.stdout.close()
-            os.close(lock_fd)
-            self.lock_fd = None
+        if not line.startswith("tcp://"):
+            raise RuntimeError(f"the kept Dask cluster did not start (see {self.home / LOG})")
+        self.address = line
+        return line
 
 
 def _read_line(process: subprocess.Popen, timeout_s: float) -> str:
@@ -190,27 +180,26 @@ def claim(home: Path, n_workers: int, use_gpu: bool, idle: float) -> KeptCluster
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         record = read_record(home)
         if record is not None and record.get("key") == key:
-            os.close(lock_fd)
             return KeptCluster(home, key, float(record["idle_s"]), started_here=False,
                                address=str(record["address"]), pid=int(record["pid"]))
-        process = _spawn(home, key, n_workers, use_gpu, idle)
-    except BaseException:
+        # The server inherits the start lock and lets it go once it has written its record:
+        # other runs wait for it, and a run that ends first (refused, killed) loses nothing.
+        process = _spawn(home, key, n_workers, use_gpu, idle, lock_fd)
+    finally:
         os.close(lock_fd)
-        raise
-    return KeptCluster(home, key, idle, started_here=True, pid=process.pid, process=process,
-                       lock_fd=lock_fd)
+    return KeptCluster(home, key, idle, started_here=True, pid=process.pid, process=process)
 
 
-def _spawn(home: Path, key: str, n_workers: int, use_gpu: bool,
-           idle: float) -> subprocess.Popen:
+def _spawn(home: Path, key: str, n_workers: int, use_gpu: bool, idle: float,
+           lock_fd: int) -> subprocess.Popen:
     log = open(home / LOG, "ab")  # noqa: SIM115 - the child holds it; ours closes below
     try:
         return subprocess.Popen(
             [sys.executable, "-m", "flows.cluster_server", "--workers", str(n_workers),
              "--gpu", str(int(use_gpu)), "--dir", str(home / "dask"), "--idle-s", str(idle),
              "--users", str(users_file(home, key)), "--record", str(home / RECORD),
-             "--key", key],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+             "--key", key, "--lock-fd", str(lock_fd)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, pass_fds=(lock_fd,),
             start_new_session=True,  # not in the run's process group: it outlives the run
             cwd=os.getcwd())
     finally:

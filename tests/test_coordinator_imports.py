@@ -14,7 +14,8 @@ import os, sys
 import flows.cli, flows.train
 from flows.params import TrainParams
 from flows.plan import build_plan
-from flows.cluster import GPU_DRIVER_PATHS, cuda_available
+import flows.kept_cluster
+from flows.gpu_probe import GPU_DRIVER_PATHS, cuda_available
 plan = build_plan(TrainParams(model="tiny", data=sys.argv[1], steps=40))
 assert plan.run.config_hash and plan.groups
 if not any(os.path.exists(p) for p in GPU_DRIVER_PATHS):
