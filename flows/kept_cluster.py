@@ -21,7 +21,10 @@ Reuse is safe because:
 - each cluster has its own users file, on which every run that uses it holds a shared flock from
   before it looks until it exits (SIGKILL included); the server leaves only while it holds the
   exclusive lock, so it never goes away under a run, nor between a run's look and its use;
-- discovery and start-up are serialised by REBOUND_HOME/cluster.lock: two runs at once start one.
+- discovery and start-up are serialised by REBOUND_HOME/cluster.lock: two runs at once start one;
+- one run at a time trains on it (an exclusive flock on its busy file, held until the run
+  exits): a run that finds it busy starts a cluster of its own, as with REBOUND_CLUSTER_IDLE=0,
+  so that two runs never share, or warm spares on, each other's workers.
 
 Only hot standby keeps its cluster: cold standby starts a worker per failure from a cluster of
 the run's own. The kept cluster's manager lives in its process: the run asks it for
@@ -70,6 +73,8 @@ only how long the coordinator's servers stay."""
 
 _USERS_FD: list[int] = []
 """This process's shared lock on its cluster's users file, held until it exits."""
+_BUSY_FD: list[int] = []
+"""This process's exclusive lock on its cluster's busy file: one run trains on it at a time."""
 
 
 def idle_s() -> float:
@@ -168,12 +173,30 @@ def users_file(home: Path, key: str) -> Path:
     return home / f"cluster-{key[:16]}.users"
 
 
-def claim(home: Path, n_workers: int, use_gpu: bool, idle: float) -> KeptCluster:
+def _take_busy(home: Path, key: str) -> bool:
+    """Take the cluster with `key` for this process until it exits; False when another run
+    trains on it now (two runs on one cluster would share, and warm, each other's workers)."""
+    if _BUSY_FD:
+        return True
+    fd = os.open(home / f"cluster-{key[:16]}.busy", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    _BUSY_FD.append(fd)
+    return True
+
+
+def claim(home: Path, n_workers: int, use_gpu: bool, idle: float) -> KeptCluster | None:
     """This run's kept cluster of `n_workers` workers: the one running for this key, or one this
     process starts now (its workers come up while the run goes on with its imports;
-    `wait_address` waits for them). Holds this process's use of it until exit."""
+    `wait_address` waits for them). Holds this process's use of it until exit. None when
+    another run trains on it now: this run starts a cluster of its own."""
     home.mkdir(parents=True, exist_ok=True)
     key = cluster_key(n_workers, use_gpu)
+    if not _take_busy(home, key):
+        return None
     _hold_users(home, key)
     lock_fd = os.open(home / START_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -280,4 +303,8 @@ def claim_for_run(params: Any, local_api: Any) -> KeptCluster | None:
 
     use_gpu = params.device == "cuda" or (params.device == "auto" and cuda_available())
     # flows.redundancy.local_cluster_size for hot standby, without importing Dask here.
-    return claim(rebound_home(), params.ranks_total + params.spares, use_gpu, idle)
+    kept = claim(rebound_home(), params.ranks_total + params.spares, use_gpu, idle)
+    if kept is None:
+        sys.stderr.write("note: another run trains on the Dask cluster kept in "
+                         f"{rebound_home()}; this run starts a cluster of its own\n")
+    return kept

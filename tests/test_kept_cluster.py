@@ -107,26 +107,62 @@ IDLE_S = 15.0
 """Long enough for the next claim to arrive before an unused cluster leaves."""
 
 
-def _claim(home: Path, **env: str) -> dict[str, Any]:
-    """A process that claims the kept cluster of one worker, says what it got and exits."""
-    code = ("import json, pathlib, sys; from flows.kept_cluster import claim; "
-            "k = claim(pathlib.Path(sys.argv[1]), 1, False, float(sys.argv[2])); "
-            "print(json.dumps({'address': k.wait_address(), 'pid': k.pid, "
-            "'started_here': k.started_here, 'key': k.key}))")
-    done = subprocess.run([sys.executable, "-c", code, str(home), str(IDLE_S)], cwd=ROOT,
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout)
+CLAIM = """
+import json, pathlib, sys
+from flows.kept_cluster import claim
+k = claim(pathlib.Path(sys.argv[1]), 1, False, float(sys.argv[2]))
+print(json.dumps(None if k is None else {'address': k.wait_address(), 'pid': k.pid,
+                                         'started_here': k.started_here, 'key': k.key}))
+sys.stdout.flush()
+sys.stdin.read()  # holds the cluster until told to go
+"""
 
 
-def test_another_environment_gets_its_own_cluster_and_an_idle_one_leaves(home: Path) -> None:
-    first = _claim(home)
+def _claimant(home: Path, **env: str) -> subprocess.Popen:
+    """A process that claims the kept cluster of one worker, says what it got (one JSON line)
+    and holds it until its stdin closes."""
+    return subprocess.Popen([sys.executable, "-c", CLAIM, str(home), str(IDLE_S)], cwd=ROOT,
+                            env={**os.environ, **env}, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _got(proc: subprocess.Popen) -> dict[str, Any] | None:
+    line = proc.stdout.readline()  # type: ignore[union-attr]
+    assert line, proc.stderr.read()[-3000:]  # type: ignore[union-attr]
+    return json.loads(line)
+
+
+def _release(proc: subprocess.Popen) -> None:
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def _claim(home: Path, **env: str) -> dict[str, Any] | None:
+    """Claim, say what was got, and exit at once."""
+    proc = _claimant(home, **env)
+    try:
+        return _got(proc)
+    finally:
+        _release(proc)
+
+
+def test_one_run_at_a_time_another_environment_gets_its_own_and_an_idle_one_leaves(
+        home: Path) -> None:
+    holder = _claimant(home)
+    try:
+        first = _got(holder)
+        assert first is not None and first["started_here"]
+        # While a run trains on it, another run of the same key gets none (its own cluster).
+        assert _claim(home) is None
+    finally:
+        _release(holder)
     again = _claim(home)
-    assert first["started_here"] and not again["started_here"]
+    assert first is not None and again is not None and not again["started_here"]
     assert (again["pid"], again["address"]) == (first["pid"], first["address"])
     # Workers inherit the environment: another one is another cluster, which takes the record.
     other = _claim(home, REBOUND_TEST_SETTING="1")
-    assert other["started_here"] and other["pid"] != first["pid"]
+    assert other is not None and other["started_here"] and other["pid"] != first["pid"]
     assert other["key"] != first["key"]
     assert read_record(home)["pid"] == other["pid"]  # type: ignore[index]
     # Nobody uses either now: both leave after their idle window, the record with its owner.
