@@ -202,7 +202,7 @@ def _main(argv: list[str] | None, server: Any, started: float, kept_cluster: Any
     from flows.plan import ConfigurationError, build_plan, check_store
 
     try:
-        plan = build_plan(params)
+        plan = build_plan(params, hand_over=True)
         check_store(plan, params)
     except ConfigurationError as err:
         sys.stderr.write(f"error: {err}\n")

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
 from flows.params import TrainParams, parse_duration_s
 from flows.plan import (
     CheckpointPrice,
+    ConfigurationError,
     background_saves,
+    build_plan,
     make_groups,
     price_sample,
     young_daly_interval,
@@ -147,3 +152,19 @@ def test_checkpoint_price_comes_from_the_newest_groups_that_measured_it() -> Non
     price.add(price_sample(background(0.02, 0.80, 4)))
     # ...and the queued group is forgotten once three newer ones have measured.
     assert price.add(price_sample(background(0.02, 0.48, 4))) == pytest.approx((0.005, 0.16))
+
+
+def test_the_clis_corpus_is_handed_to_the_flows_plan_once(tmp_path: Path) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(Path(argparse.__file__), data / "argparse.py")
+    params = TrainParams(model="tiny", data=str(data), steps=20)
+    first = build_plan(params, hand_over=True)
+    shutil.rmtree(data)
+    # The flow's plan takes the corpus the CLI read: the same plan, without reading again...
+    assert build_plan(params) == first
+    # ...once: the next plan reads the data, which is gone now.
+    with pytest.raises(ConfigurationError, match="data path not found"):
+        build_plan(params)
