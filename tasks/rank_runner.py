@@ -100,6 +100,8 @@ class RankResult:
     """How much longer the steps that overlapped a background save took (StepDrag)."""
     background_overlap_steps: int = 0
     """How many steps background_drag_s was measured over (0: not measured yet)."""
+    newest_committed_at_start: int = -1
+    """The newest committed step when this attempt started, as every rank agreed on it."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -174,6 +176,7 @@ def _agree_on_start(store: CheckpointStore, job: RankJob, row: RankGroup,
         newest = ref.step if ref is not None and ref.step <= job.group.last_step else -1
     if job.newest_step is None:
         newest = int(group.broadcast_json(newest, src=0))
+    result.newest_committed_at_start = newest
     best = max(h["step"] for h in haves)
     at_ref = warm.at_ref if warm is not None else None
     if best >= 0 and best >= newest:
@@ -265,6 +268,13 @@ def _save_shared(store: CheckpointStore, job: RankJob, group: RankGroup, warm: W
     result.ckpt_s += time.perf_counter() - t0
     warm.at_ref = ref
     return ref
+
+
+def _lost_save(g: GroupJob, step: int, newest_committed: int) -> bool:
+    """Whether a checkpoint due inside this group before `step` was never committed (a
+    background save that a failure cut short, the memory restored from a peer past it)."""
+    due = step - step % g.ckpt_every
+    return g.first_step < due < step and newest_committed < due
 
 
 def _fire(job: RankJob, store: CheckpointStore, kind: str, step: int) -> bool:
@@ -522,14 +532,21 @@ def run_rank(job: RankJob) -> RankResult:
     drag = StepDrag()
     cpu_started, wall_started = time.process_time(), time.time()
     try:
-        if trainer.step > g.first_step and trainer.step % g.ckpt_every == 0 and \
-                (ref is None or ref.step != trainer.step):
+        if trainer.step > g.first_step and (ref is None or ref.step != trainer.step) and (
+                trainer.step % g.ckpt_every == 0 or (job.replicas == 1 and _lost_save(
+                    g, trainer.step, result.newest_committed_at_start))):
             # The attempt before this one was lost while saving this step: save it now (the
-            # shares it wrote already are reused), so the checkpoint schedule has no hole.
+            # shares it wrote already are reused), so the checkpoint schedule has no hole. Or
+            # it was lost while its ranks saved an earlier step in the background, and the
+            # survivors' memory went on past it: save the state they hold now, so the hole
+            # lasts until this step, not until the next one due. (With replica groups the
+            # other replicas train on through a rank's loss and commit the group's end.)
             if _is_vote_step(job, trainer.step):
                 _vote(job, group, trainer, result)
+            t0 = time.perf_counter()
             ref = _checkpoint(store, job, group, warm, result,
                               {"productive_s": productive_s}) or ref
+            result.ckpt_s += time.perf_counter() - t0  # training waited for it
         while trainer.step < g.last_step:
             _chaos_before_step(job, store, trainer.step + 1, trainer)
             in_flight = saves is not None and saves.busy

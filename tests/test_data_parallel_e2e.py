@@ -299,6 +299,12 @@ def test_a_rank_killed_during_its_background_share(dp_reference: dict[str, Any],
     if 15 in steps:  # saved again by the retry, never the broken save made visible
         assert store.read_manifest(run_id, 15)[0].created_unix > failure["at_unix"]
     assert set(steps) >= {5, 10, 20, 25, 30, 35, 40}
+    # The hole the lost save left is filled by the attempt after the failure, before the
+    # group's end: at 15 when the survivors stopped there, else at the step their memory had
+    # reached (off the every-5 grid).
+    refilled = [s for s in steps if 15 <= s < 20]
+    assert len(refilled) == 1, steps
+    assert store.read_manifest(run_id, refilled[0])[0].created_unix > failure["at_unix"]
     assert verify_store(workdir / "store", run_id).returncode == 0
 
 

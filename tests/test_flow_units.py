@@ -168,3 +168,19 @@ def test_the_clis_corpus_is_handed_to_the_flows_plan_once(tmp_path: Path) -> Non
     # ...once: the next plan reads the data, which is gone now.
     with pytest.raises(ConfigurationError, match="data path not found"):
         build_plan(params)
+
+
+def test_a_save_lost_behind_training_is_made_up_at_the_next_attempt() -> None:
+    from tasks.jobs import GroupJob
+    from tasks.rank_runner import _lost_save
+
+    group = GroupJob(run=None, first_step=10, last_step=20, ckpt_every=5)  # type: ignore[arg-type]
+    # Memory at 17, newest commit 10: the save of 15 was lost, save now.
+    assert _lost_save(group, 17, 10)
+    # Committed (by the thread the failure did not reach): nothing to make up.
+    assert not _lost_save(group, 17, 15)
+    # At 15 itself the old rule saves (a multiple of ckpt_every); before 15 nothing was due.
+    assert not _lost_save(group, 15, 10) and not _lost_save(group, 14, 10)
+    # The group's start was committed before it began.
+    assert not _lost_save(GroupJob(run=None, first_step=15, last_step=20,  # type: ignore[arg-type]
+                                   ckpt_every=5), 17, 15)
