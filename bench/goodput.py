@@ -15,7 +15,10 @@ Each runs at its best settings:
             with --workers 2; --rebound-saves sync: in line), the checkpoint interval
             from Young/Daly on its measured stall and the true failure interval. The victim is
             the worker process of the newest training attempt (--workers 2: rank 1's process,
-            from the store's ranks/1 record).
+            from the store's ranks/1 record). --rebound-cluster kept: Rebound trains on the Dask
+            cluster kept between runs in a REBOUND_HOME of the bench's own, which one short,
+            untimed, unkilled run starts first (a warm machine: a user's next run); the victim
+            is then a descendant of that cluster's server instead of the run's process group.
   torchrun  `torchrun --max-restarts=1000 bench/torchrun_train.py --evaluate` (the same Trainer,
             torch.save + fsync + rename checkpoints, resume on restart, and the same evaluations
             as Rebound: at every epoch's end and the last step), its interval from Young/Daly too:
@@ -49,6 +52,7 @@ than 10% is flagged; --json: "machine", and each run's machine_gflops).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -60,7 +64,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +158,27 @@ def _run_under_kills(args: argparse.Namespace, cmd: list[str], workdir: Path, na
 
 # ---- Rebound ------------------------------------------------------------------------------
 
-def _rebound_victim(store_dir: Path, pgid: int, workers: int) -> Callable[[], int | None]:
+def _alive_under(pid: int, ancestor: int) -> bool:
+    """pid is a live descendant of `ancestor` (the kept cluster's server: its workers are the
+    children of its forkserver, in the server's process group, not the contender's)."""
+    try:
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    except (OSError, IndexError):
+        return False
+    seen = pid
+    for _ in range(8):  # worker -> forkserver -> server: a few generations at most
+        parent = _parent_pid(seen)
+        if parent is None or parent <= 1:
+            return False
+        if parent == ancestor:
+            return True
+        seen = parent
+    return False
+
+
+def _rebound_victim(store_dir: Path, pgid: int, workers: int,
+                    kept_home: Path | None = None) -> Callable[[], int | None]:
     from storage import open_store
 
     def victim() -> int | None:
@@ -168,23 +192,53 @@ def _rebound_victim(store_dir: Path, pgid: int, workers: int) -> Callable[[], in
                 pid = max(attempts, key=lambda d: d["started_unix"])["pid"] if attempts else None
         except (OSError, ValueError, KeyError):
             return None  # a record being written: try again at the next poll
-        return pid if pid is not None and _alive_in_group(int(pid), pgid) else None
+        if pid is None:
+            return None
+        if kept_home is not None:
+            from flows.kept_cluster import read_record
+
+            record = read_record(kept_home)
+            return int(pid) if record and _alive_under(int(pid), int(record["pid"])) else None
+        return int(pid) if _alive_in_group(int(pid), pgid) else None
 
     return victim
 
 
+def _rebound_cmd(args: argparse.Namespace, store_dir: Path, steps: int) -> list[str]:
+    return [sys.executable, "-m", "flows.train", "--no-progress", "--model", args.model,
+            "--steps", str(steps), "--group-steps", str(args.group_steps),
+            "--workers", str(args.workers), "--spares", "1",
+            "--async-save", "on" if args.rebound_saves == "async" else "off",
+            "--ckpt-every", "auto", "--mtbf", f"{args.kill_every:g}s", "--threads",
+            str(args.threads), "--store", str(store_dir), "--run-id", RUN_ID, "--fresh",
+            *(["--data", args.data] if args.data else [])]
+
+
+def _kept_env(home: Path) -> dict[str, str]:
+    """Rebound's runs with --rebound-cluster kept: the Dask cluster (and Prefect API) kept in
+    the bench's own REBOUND_HOME, the same environment for every run (the cluster's key)."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_HOME"}  # its own, in home
+    return {**env, "REBOUND_HOME": str(home), "REBOUND_CLUSTER_IDLE": "30m"}
+
+
+def prime_kept_cluster(args: argparse.Namespace, home: Path, workdir: Path) -> None:
+    """One short run, not timed and never killed, that leaves the kept cluster (and API) up:
+    the timed runs find a warm machine, as a user's next run does."""
+    workdir.mkdir(parents=True)
+    with _process(_rebound_cmd(args, workdir / "store", 2), workdir, "prime",
+                  env=_kept_env(home)) as proc:
+        _wait(proc, args.timeout, "rebound (priming run)", workdir / "prime.out")
+
+
 def run_rebound(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     store_dir, summary_path = workdir / "store", workdir / "summary.json"
-    cmd = [sys.executable, "-m", "flows.train", "--no-progress", "--model", args.model,
-           "--steps", str(args.steps), "--group-steps", str(args.group_steps),
-           "--workers", str(args.workers), "--spares", "1",
-           "--async-save", "on" if args.rebound_saves == "async" else "off",
-           "--ckpt-every", "auto", "--mtbf", f"{args.kill_every:g}s", "--threads", str(args.threads),
-           "--store", str(store_dir), "--run-id", RUN_ID, "--fresh",
-           "--summary-json", str(summary_path), *(["--data", args.data] if args.data else [])]
+    kept_home = Path(args.kept_home) if args.rebound_cluster == "kept" else None
+    cmd = [*_rebound_cmd(args, store_dir, args.steps), "--summary-json", str(summary_path)]
     started = time.time()
-    killer = _run_under_kills(args, cmd, workdir, "rebound", "rebound (python -m flows.train)",
-                              lambda pgid: _rebound_victim(store_dir, pgid, args.workers), started)
+    killer = _run_under_kills(
+        args, cmd, workdir, "rebound", "rebound (python -m flows.train)",
+        lambda pgid: _rebound_victim(store_dir, pgid, args.workers, kept_home), started,
+        env=_kept_env(kept_home) if kept_home is not None else None)
     wall_s = time.time() - started
     s = json.loads(summary_path.read_text())
     return {
@@ -309,6 +363,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="Rebound's saves: in the background (default) or in line. On a machine "
                         "whose cores all train, a background save slows the steps it overlaps "
                         "by more than an in-line save stalls them (see the README)")
+    p.add_argument("--rebound-cluster", choices=("own", "kept"), default="own",
+                   help="own (default): every Rebound run starts its cluster, as with "
+                        "REBOUND_CLUSTER_IDLE=0; kept: Rebound trains on the Dask cluster kept "
+                        "between runs (flows/kept_cluster.py), primed by one short untimed run, "
+                        "as on a warm machine (its start-up ~5 s instead of ~14 s)")
     p.add_argument("--torchrun-ckpt-every", type=int, default=None,
                    help="torchrun's checkpoint interval in steps (default: Young/Daly, measured)")
     p.add_argument("--threads", type=int, default=None,
@@ -327,6 +386,27 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+@contextlib.contextmanager
+def _kept_cluster(args: argparse.Namespace, tmp: Path) -> Iterator[None]:
+    """With --rebound-cluster kept: a REBOUND_HOME of the bench's own whose kept cluster (and
+    API) a priming run starts, both stopped by PID at the end, also on failure."""
+    args.kept_home = None
+    if args.rebound_cluster != "kept":
+        yield
+        return
+    from flows.kept_api import stop_kept_server
+    from flows.kept_cluster import stop_kept_cluster
+
+    home = tmp / "rebound-home"
+    args.kept_home = str(home)
+    try:
+        prime_kept_cluster(args, home, tmp / "prime")
+        yield
+    finally:
+        stop_kept_cluster(home)
+        stop_kept_server(home / "prefect")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     probe = None
@@ -339,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"Young/Daly interval {args.torchrun_ckpt_every} steps", file=sys.stderr)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in CONTENDERS}
     speed = MachineSpeed()
-    with tempfile.TemporaryDirectory(prefix="rebound-bench-goodput-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="rebound-bench-goodput-") as tmp, \
+            _kept_cluster(args, Path(tmp)):
         for round_no in range(args.rounds):
             order = list(CONTENDERS) if round_no % 2 == 0 else list(reversed(CONTENDERS))
             for name in order:

@@ -120,3 +120,19 @@ def tree_state(root: Path) -> dict[str, tuple[int, int]]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+def pids_now() -> set[str]:
+    return {p for p in os.listdir("/proc") if p.isdigit()}
+
+
+def our_processes_since(before: set[str]) -> list[str]:
+    """PIDs of Rebound's own processes (`python -m flows.*`) that did not exist in `before`."""
+    left = []
+    for pid in pids_now() - before:
+        try:
+            if b"flows." in Path(f"/proc/{pid}/cmdline").read_bytes():
+                left.append(pid)
+        except OSError:
+            continue  # gone meanwhile
+    return left

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench.goodput import kill_offsets, young_daly_steps
+from tests.cli_helpers import our_processes_since, pids_now
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,14 +43,20 @@ def test_kill_moments_one_per_window_the_same_for_both_contenders() -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_goodput_bench_json(prefect_api: str) -> None:
+@pytest.mark.parametrize("cluster", ["own", "kept"])
+def test_goodput_bench_json(prefect_api: str, cluster: str) -> None:
     # prefect_api: the session's Prefect server, so the Rebound run does not start its own.
     # Long enough that even a quick torchrun run (~0.02 s a step) outlives two kill intervals.
+    # kept: Rebound's victims are the kept cluster's workers, outside its process group.
     steps, kill_every = 600, 6.0
+    before = pids_now()
     proc = subprocess.run(
         [sys.executable, "-m", "bench.goodput", "--model", "tiny", "--steps", str(steps),
-         "--kill-every", str(kill_every), "--group-steps", "40", "--threads", "1", "--json"],
+         "--kill-every", str(kill_every), "--group-steps", "40", "--threads", "1",
+         "--rebound-cluster", cluster, "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=590)
+    # Whatever it started, the kept cluster included, is gone with it (stopped by PID).
+    assert our_processes_since(before) == []
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     rows = {r["method"]: r for r in out["rows"]}

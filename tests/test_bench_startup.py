@@ -7,12 +7,13 @@ bench.startup`)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.cli_helpers import our_processes_since, pids_now
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_startup_bench_times_the_first_step_and_stops_what_it_started() -> None:
-    before = set(os.listdir("/proc"))
+    before = pids_now()
     proc = subprocess.run(
         [sys.executable, "-m", "bench.startup", "--model", "tiny", "--steps", "3", "--threads",
          "1", "--rounds", "1", "--contenders", "torchrun,rebound_warm", "--json"],
@@ -40,9 +41,7 @@ def test_startup_bench_times_the_first_step_and_stops_what_it_started() -> None:
     assert out["ratios"]["rebound_warm_vs_torchrun_first_step"] == pytest.approx(
         rows["rebound_warm"]["first_step_s"] / rows["torchrun"]["first_step_s"], abs=0.01)
     # The kept API and cluster the bench started are gone with it (stopped by PID).
-    left = [pid for pid in set(os.listdir("/proc")) - before if pid.isdigit()
-            and b"flows." in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    assert left == [], left
+    assert our_processes_since(before) == []
 
 
 def test_an_unknown_contender_is_one_line_of_usage() -> None:
