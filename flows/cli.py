@@ -263,6 +263,7 @@ def _run(params: Any, plan: Any, server: Any, started: float, kept_cluster: Any,
     logging.getLogger("distributed").setLevel(logging.WARNING)
     use_gpu = params.device == "cuda" or (params.device == "auto" and cuda_available())
     summary: dict[str, Any] | None = None
+    returned: float | None = None  # when the flow returned or raised: after it, no start-up
     status, reason = EXIT_OK, None
     try:
         with contextlib.ExitStack() as stack:
@@ -288,8 +289,11 @@ def _run(params: Any, plan: Any, server: Any, started: float, kept_cluster: Any,
             # The flow gets the cluster's address; its parameters were validated above, with the
             # flags the user gave: validated again as a whole, a cluster the CLI started itself
             # would read as a user's --cluster (refused with --standby cold).
-            summary = train.with_options(validate_parameters=False)(
-                params.model_copy(update={"cluster": address}))
+            try:
+                summary = train.with_options(validate_parameters=False)(
+                    params.model_copy(update={"cluster": address}))
+            finally:
+                returned = time.time()
     except KeyboardInterrupt:
         status, reason = EXIT_FAILED, "interrupted"
     except RunFailed as failed:
@@ -305,7 +309,9 @@ def _run(params: Any, plan: Any, server: Any, started: float, kept_cluster: Any,
         tally = RunTally(plan.run.run_id, params.store, started)
         summary = build_summary(tally, "failed", reason, time.time() - started)
     else:
-        restamp_wall(summary, time.time() - started)  # the server and cluster start-up count
+        # The server and cluster start-up count; closing them after the flow is orchestration.
+        now = time.time()
+        restamp_wall(summary, now - started, now - returned if returned else 0.0)
     print_summary(Console(), summary)
     _say_kept_api(getattr(server, "api", None))
     if kept_cluster is not None and kept_cluster.started_here and kept_cluster.address:

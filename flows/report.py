@@ -215,15 +215,19 @@ def wall_breakdown(wall: tuple[float, float], first_ready_unix: float | None, tr
     return parts
 
 
-def restamp_wall(summary: dict[str, Any], wall_s: float) -> None:
+def restamp_wall(summary: dict[str, Any], wall_s: float, after_s: float = 0.0) -> None:
     """Stretch the summary to a longer wall time measured by the caller (the CLI starts the
-    clock before the Prefect server and the cluster): the difference is start-up."""
+    clock before the Prefect server and the cluster): the difference is start-up, except the
+    last `after_s` seconds, after the flow returned (closing the cluster, the progress view),
+    which are orchestration."""
     extra = max(0.0, wall_s - summary["wall_s"])
+    after = min(max(0.0, after_s), extra)
     summary["wall_s"] = round(wall_s, 3)
     summary["ettr"] = round(min(1.0, summary["productive_s"] / max(wall_s, 1e-9)), 4)
     if "wall_breakdown" in summary:
-        summary["wall_breakdown"]["startup_s"] = round(
-            summary["wall_breakdown"]["startup_s"] + extra, 3)
+        parts = summary["wall_breakdown"]
+        parts["startup_s"] = round(parts["startup_s"] + extra - after, 3)
+        parts["orchestration_s"] = round(parts.get("orchestration_s", 0.0) + after, 3)
 
 
 def write_summary_json(summary: dict[str, Any], path: str) -> None:

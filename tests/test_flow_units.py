@@ -184,3 +184,16 @@ def test_a_save_lost_behind_training_is_made_up_at_the_next_attempt() -> None:
     # The group's start was committed before it began.
     assert not _lost_save(GroupJob(run=None, first_step=15, last_step=20,  # type: ignore[arg-type]
                                    ckpt_every=5), 17, 15)
+
+
+def test_the_clis_wall_time_splits_into_start_up_before_the_flow_and_orchestration_after() -> None:
+    from flows.report import restamp_wall
+
+    parts = {"startup_s": 1.0, "train_s": 6.0, "eval_s": 1.0, "checkpoint_stall_s": 0.5,
+             "recovery_s": 0.0, "lost_s": 0.0, "orchestration_s": 1.5}
+    summary = {"wall_s": 10.0, "productive_s": 6.0, "ettr": 0.6, "wall_breakdown": dict(parts)}
+    # 5 s more than the flow saw: 3 s before it (API, cluster), 2 s after (closing them).
+    restamp_wall(summary, 15.0, after_s=2.0)
+    got = summary["wall_breakdown"]
+    assert (got["startup_s"], got["orchestration_s"]) == (4.0, 3.5)
+    assert sum(got.values()) == pytest.approx(summary["wall_s"]) and summary["ettr"] == 0.4
