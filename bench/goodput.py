@@ -373,6 +373,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per process (default 2; 1 per rank with --workers 2)")
     p.add_argument("--rounds", type=int, default=1, help="rounds, order alternating (default 1)")
+    p.add_argument("--contenders", default="rebound,torchrun",
+                   help="which contenders run, comma-separated (default rebound,torchrun; the "
+                        "ratios need both)")
     p.add_argument("--data", help="corpus (default: the stdlib's source)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds one run may take (default 3600)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -383,6 +386,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--steps, --group-steps, --threads, --rounds must be >= 1 and --kill-every > 0")
     if args.torchrun_ckpt_every is not None and args.torchrun_ckpt_every < 1:
         p.error("--torchrun-ckpt-every must be >= 1")
+    args.contenders = [n.strip() for n in args.contenders.split(",") if n.strip()]
+    if not args.contenders or len(set(args.contenders)) != len(args.contenders) or \
+            not set(args.contenders) <= {"rebound", "torchrun"}:
+        p.error("--contenders: a comma-separated list of distinct names among rebound, torchrun")
     return args
 
 
@@ -410,25 +417,26 @@ def _kept_cluster(args: argparse.Namespace, tmp: Path) -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     probe = None
-    if args.torchrun_ckpt_every is None:
+    contenders = {name: CONTENDERS[name] for name in args.contenders}
+    if "torchrun" in contenders and args.torchrun_ckpt_every is None:
         ckpt_s, step_s = measure_torchrun_costs(args)
         args.torchrun_ckpt_every = young_daly_steps(ckpt_s, args.kill_every, step_s, args.steps)
         probe = {"torchrun_ckpt_s": ckpt_s, "step_s": step_s, "torchrun_ckpt_every": args.torchrun_ckpt_every}
         if not args.json:
             print(f"torchrun: torch.save checkpoint {ckpt_s:.3f} s, step {step_s:.3f} s -> "
                   f"Young/Daly interval {args.torchrun_ckpt_every} steps", file=sys.stderr)
-    results: dict[str, list[dict[str, Any]]] = {name: [] for name in CONTENDERS}
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
     speed = MachineSpeed()
     with tempfile.TemporaryDirectory(prefix="rebound-bench-goodput-") as tmp, \
             _kept_cluster(args, Path(tmp)):
         for round_no in range(args.rounds):
-            order = list(CONTENDERS) if round_no % 2 == 0 else list(reversed(CONTENDERS))
+            order = list(contenders) if round_no % 2 == 0 else list(reversed(contenders))
             for name in order:
                 workdir = Path(tmp) / f"{name}-{round_no}"
                 workdir.mkdir()
                 run_args = argparse.Namespace(**{**vars(args), "seed": args.seed + round_no})
                 try:
-                    r = speed.around(round_no, functools.partial(CONTENDERS[name], run_args, workdir))
+                    r = speed.around(round_no, functools.partial(contenders[name], run_args, workdir))
                 except BenchError as e:
                     print(f"bench.goodput: round {round_no + 1} {name}: {e}", file=sys.stderr)
                     r = {**dict.fromkeys(NUMERIC), "summary_failures": None, "kills_s": None, "state_hash": None,
@@ -447,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     by = {r["method"]: r for r in rows}
     ratios = {}
-    if by["rebound"]["ettr"] and by["torchrun"]["ettr"]:
+    if len(by) == 2 and by["rebound"]["ettr"] and by["torchrun"]["ettr"]:
         ratios["rebound_vs_torchrun_ettr"] = round(by["rebound"]["ettr"] / by["torchrun"]["ettr"], 4)
         # The same steps done: a step slowed by a save's background work still counts as
         # productive in ETTR, never in the wall time.

@@ -43,20 +43,14 @@ def test_kill_moments_one_per_window_the_same_for_both_contenders() -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("cluster", ["own", "kept"])
-def test_goodput_bench_json(prefect_api: str, cluster: str) -> None:
+def test_goodput_bench_json(prefect_api: str) -> None:
     # prefect_api: the session's Prefect server, so the Rebound run does not start its own.
     # Long enough that even a quick torchrun run (~0.02 s a step) outlives two kill intervals.
-    # kept: Rebound's victims are the kept cluster's workers, outside its process group.
     steps, kill_every = 600, 6.0
-    before = pids_now()
     proc = subprocess.run(
         [sys.executable, "-m", "bench.goodput", "--model", "tiny", "--steps", str(steps),
-         "--kill-every", str(kill_every), "--group-steps", "40", "--threads", "1",
-         "--rebound-cluster", cluster, "--json"],
+         "--kill-every", str(kill_every), "--group-steps", "40", "--threads", "1", "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=590)
-    # Whatever it started, the kept cluster included, is gone with it (stopped by PID).
-    assert our_processes_since(before) == []
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     rows = {r["method"]: r for r in out["rows"]}
@@ -88,3 +82,27 @@ def test_goodput_bench_json(prefect_api: str, cluster: str) -> None:
     assert all(r["machine_gflops"] > 0 for rs in runs.values() for r in rs)
     assert len(out["machine"]["rounds"]) == 1 and len(out["machine"]["rounds"][0]) == 4
     assert len(out["machine"]["round_drift"]) == 1 and out["machine"]["round_drift"][0] >= 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_goodput_bench_kills_the_kept_clusters_workers(prefect_api: str) -> None:
+    # --rebound-cluster kept: Rebound trains on the Dask cluster kept between runs, whose
+    # workers are outside the run's process group; they are found, killed and replaced.
+    steps, kill_every = 400, 6.0
+    before = pids_now()
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.goodput", "--model", "tiny", "--steps", str(steps),
+         "--kill-every", str(kill_every), "--group-steps", "40", "--threads", "1",
+         "--rebound-cluster", "kept", "--contenders", "rebound", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=390)
+    # Whatever it started, the kept cluster and its priming run included, is gone with it.
+    assert our_processes_since(before) == []
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    (run,) = out["runs"]["rebound"]
+    assert set(out["runs"]) == {"rebound"} and out["ratios"] == {} and out["probe"] is None
+    assert run["status"] == "completed"
+    assert 1 <= run["failures"] == len(run["kills_s"]) <= run["wall_s"] // kill_every + 1
+    assert run["summary_failures"] <= run["failures"]
+    assert 0 < run["productive_s"] < run["wall_s"]
