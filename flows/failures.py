@@ -21,10 +21,11 @@ from storage.store import CheckpointStore
 
 # Events that strike after their step completed (the step's checkpoint is what fails); the others
 # strike as the step starts, so one step fewer was done.
-_AFTER_STEP = {"kill-during-save", "corrupt-latest"}
+_AFTER_STEP = {"kill-during-save", "kill-before-commit", "corrupt-latest"}
 
 # How a chaos event shows itself to the flow: the observation that counts as its detection.
-_DETECTED_BY = {"kill-worker": "loss", "kill-during-save": "loss", "hang": "hang"}
+_DETECTED_BY = {"kill-worker": "loss", "kill-during-save": "loss", "kill-before-commit": "loss",
+                "hang": "hang"}
 
 
 @dataclass

@@ -109,6 +109,11 @@ class TrainParams(BaseModel):
                 self.replicas < 2:
             raise ValueError("--chaos perturb-replica needs --replicas >= 2 or --workers >= 2 "
                              "(someone to compare state hashes with)")
+        if self.chaos and "kill-before-commit" in self.chaos and (
+                self.workers < 2 or self.replicas > 1 or self.async_save is not True):
+            raise ValueError("--chaos kill-before-commit needs --workers >= 2, one replica "
+                             "group and --async-save on (it strikes rank 0 committing a "
+                             "background checkpoint)")
         if self.chaos:
             from tasks.chaos import parse_chaos
 

@@ -17,6 +17,7 @@ from typing import Any
 CHAOS_KINDS = (
     "kill-worker",
     "kill-during-save",
+    "kill-before-commit",
     "raise",
     "corrupt-latest",
     "hang",

@@ -380,9 +380,23 @@ def _checkpoint(store: CheckpointStore, job: RankJob, group: RankGroup, warm: Wa
             return ref
 
 
+def _kill_before_commit(job: RankJob, store: CheckpointStore, step: int,
+                        trainer_step: Callable[[], int]) -> None:
+    """kill-before-commit@STEP: the rank about to commit STEP's background checkpoint (every
+    share durable) SIGKILLs itself once its training has gone two steps past STEP, so that the
+    survivors' memory is ahead of a checkpoint that never became visible."""
+    for kind, at in job.chaos_rank_events:
+        if kind == "kill-before-commit" and at == step and _fire(job, store, kind, at):
+            deadline = time.monotonic() + 30.0  # the group's end waits for this save
+            while trainer_step() < step + 2 and time.monotonic() < deadline:
+                time.sleep(0.005)  # polling: the training thread's step counter
+            chaos.kill_this_process()
+
+
 def _background_saves(store: CheckpointStore, job: RankJob, group: RankGroup,
                       result: RankResult,
-                      on_commit: Callable[[CheckpointRef, SaveStats], None]) -> RankSaves | None:
+                      on_commit: Callable[[CheckpointRef, SaveStats], None],
+                      trainer_step: Callable[[], int]) -> RankSaves | None:
     """This rank's background saves for the group (None without --async-save). With replica
     groups only the writing replica saves a checkpoint inside the group (`_writes_now`), and
     tells the others what it committed, as an in-line save does."""
@@ -396,6 +410,7 @@ def _background_saves(store: CheckpointStore, job: RankJob, group: RankGroup,
 
     def commit(step: int, receipts: list[ShareReceipt],
                meta: dict[str, Any]) -> tuple[CheckpointRef, SaveStats]:
+        _kill_before_commit(job, store, step, trainer_step)
         ref = store.commit_shares(run.run_id, step, receipts, meta, session=session,
                                   lease_epoch=run.lease_epoch)
         stats = store.last_save_stats or SaveStats()
@@ -528,7 +543,8 @@ def run_rank(job: RankJob) -> RankResult:
             record(checkpoints=list(result.checkpoints))
         _corrupt_after_commit(job, store, done)  # the rot is for a later load to find
 
-    saves = _background_saves(store, job, group, result, committed_in_background)
+    saves = _background_saves(store, job, group, result, committed_in_background,
+                              lambda: trainer.step)
     drag = StepDrag()
     cpu_started, wall_started = time.process_time(), time.time()
     try:

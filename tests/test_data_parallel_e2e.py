@@ -308,6 +308,38 @@ def test_a_rank_killed_during_its_background_share(dp_reference: dict[str, Any],
     assert verify_store(workdir / "store", run_id).returncode == 0
 
 
+def test_the_committer_killed_before_a_background_commit_is_made_up_at_once(
+        dp_reference: dict[str, Any], workdir: Path, corpus: Path) -> None:
+    # Every share of step 15 is durable; rank 0, about to commit it in the background, dies
+    # once training went two steps past 15. The survivor's memory is ahead of a checkpoint that
+    # never became visible: the attempt after the failure saves that memory at once, off the
+    # every-5 grid, instead of leaving the hole open until the group's end at 20.
+    run_id = "dp-precommit"
+    done, summary = _run(workdir, corpus, run_id, *W2, "--async-save",
+                         "--chaos", "kill-before-commit@15/0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    [failure] = summary["failures"]
+    assert failure["kind"] == "worker-lost"
+    assert summary["state_hash"] == dp_reference["state_hash"]
+    steps = committed_steps(workdir / "store", run_id)
+    assert 15 not in steps and set(steps) >= {5, 10, 20, 25, 30, 35, 40}
+    [made_up] = [s for s in steps if 15 < s < 20]
+    store = open_store(str(workdir / "store"))
+    assert store.read_manifest(run_id, made_up)[0].created_unix > failure["at_unix"]
+    assert verify_store(workdir / "store", run_id).returncode == 0
+
+
+def test_kill_before_commit_needs_a_background_committer(prefect_api: str, workdir: Path,
+                                                        corpus: Path) -> None:
+    done = run_cli(cli_args(workdir / "nostore", corpus, "refused",
+                            "--chaos", "kill-before-commit@15/0"))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: --chaos kill-before-commit needs --workers >= 2, one replica group and "
+        "--async-save on (it strikes rank 0 committing a background checkpoint)"]
+    assert not (workdir / "nostore").exists()
+
+
 def test_a_background_share_on_a_full_disk_fails_the_run_in_one_line(
         tmp_path: Path, corpus: Path, prefect_api: str) -> None:
     from tests.storage_helpers import small_tmpfs
