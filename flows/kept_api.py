@@ -140,17 +140,21 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _is_our_server(record: dict) -> bool:
-    """The record's PID is alive and runs flows.api_server on the record's port (a PID the
-    system gave to another process since is not ours)."""
-    pid, port = int(record["pid"]), int(record["port"])
+def is_live_server(record: dict, module: str, token: str) -> bool:
+    """The record's PID is alive and runs `python -m module` with `token` among its arguments
+    (a PID the system gave to another process since is not ours)."""
+    pid = int(record["pid"])
     if not pid_alive(pid):
         return False
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return sys.platform != "linux"  # no /proc: trust the live PID
-    return b"flows.api_server" in argv and str(port).encode() in argv
+    return module.encode() in argv and token.encode() in argv
+
+
+def _is_our_server(record: dict) -> bool:
+    return is_live_server(record, "flows.api_server", str(int(record["port"])))
 
 
 def read_record(folder: Path) -> dict | None:
@@ -212,7 +216,11 @@ def stop_kept_server(folder: Path, timeout_s: float = 30.0) -> int | None:
     record = read_record(folder)
     if record is None:
         return None
-    pid = int(record["pid"])
+    return terminate(int(record["pid"]), timeout_s)  # its record goes with it
+
+
+def terminate(pid: int, timeout_s: float) -> int:
+    """SIGTERM `pid` (not our child) and wait for it to exit, SIGKILL after timeout_s."""
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while pid_alive(pid):
@@ -220,4 +228,4 @@ def stop_kept_server(folder: Path, timeout_s: float = 30.0) -> int | None:
             os.kill(pid, signal.SIGKILL)
             deadline += timeout_s
         time.sleep(0.05)  # polling: a process that is not our child cannot be waited for
-    return pid  # its record went with it (flows.api_server), or names a dead PID: ignored
+    return pid

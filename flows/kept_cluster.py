@@ -43,17 +43,15 @@ import importlib.metadata
 import json
 import os
 import selectors
-import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.kept_api import idle_s_from_env, pid_alive
+from flows.kept_api import idle_s_from_env, is_live_server, terminate
 
 IDLE_ENV = "REBOUND_CLUSTER_IDLE"
 DEFAULT_IDLE_S = 600.0
@@ -100,16 +98,7 @@ def cluster_key(n_workers: int, use_gpu: bool) -> str:
 
 
 def _is_our_server(record: dict) -> bool:
-    """The record's PID is alive and runs flows.cluster_server for the record's key (a PID the
-    system gave to another process since is not ours)."""
-    pid = int(record["pid"])
-    if not pid_alive(pid):
-        return False
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return sys.platform != "linux"  # no /proc: trust the live PID
-    return b"flows.cluster_server" in argv and str(record["key"]).encode() in argv
+    return is_live_server(record, "flows.cluster_server", str(record["key"]))
 
 
 def read_record(home: Path) -> dict | None:
@@ -262,17 +251,7 @@ def stop_kept_cluster(home: Path, timeout_s: float = 60.0) -> int | None:
     """SIGTERM the kept cluster of `home` (REBOUND_HOME) by its PID and wait for it to close
     its workers and exit; its PID, or None when none runs. For benches and tests."""
     record = read_record(home)
-    if record is None:
-        return None
-    pid = int(record["pid"])
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while pid_alive(pid):
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            deadline += timeout_s
-        time.sleep(0.05)  # polling: a process that is not our child cannot be waited for
-    return pid
+    return None if record is None else terminate(int(record["pid"]), timeout_s)
 
 
 def describe(kept: Any) -> str:
