@@ -2,9 +2,10 @@
 (flows/kept_cluster.py).
 
 Holds a LocalCluster exactly as a run would start it (flows.cluster.local_cluster: hot standby,
-workers forked from a warm forkserver), records itself in REBOUND_HOME/cluster.json and prints
-the scheduler's address on its stdout once the workers are up, and exits on its own once no run has used it for --idle-s seconds
-(flows.api_server.exit_when_idle), closing its workers. SIGTERM closes them too.
+workers forked from a warm forkserver). Once the workers are up it records itself in
+REBOUND_HOME/cluster.json and prints the scheduler's address on its stdout. It exits on its own
+once no run has used it for --idle-s seconds (flows.api_server.exit_when_idle), closing its
+workers; SIGTERM closes them too.
 """
 
 from __future__ import annotations
