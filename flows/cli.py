@@ -273,10 +273,14 @@ def _run(params: Any, plan: Any, server: Any, started: float, kept_cluster: Any,
             if address is None and kept_cluster is not None:
                 from flows.kept_cluster import KeptClusterManager
 
+                # A kept cluster that failed to start costs its start-up, never the run.
                 address = kept_cluster.wait_address()
-                MANAGERS[address] = KeptClusterManager(address)
-                stack.callback(MANAGERS.pop, address, None)
-            elif address is None:
+                if address is None:
+                    sys.stderr.write(kept_cluster.failed_note() + "\n")
+                else:
+                    MANAGERS[address] = KeptClusterManager(address)
+                    stack.callback(MANAGERS.pop, address, None)
+            if address is None:
                 cluster = stack.enter_context(
                     local_cluster(local_cluster_size(params), rebound_home() / "dask", use_gpu,
                                   boot_low=params.standby == "hot"))

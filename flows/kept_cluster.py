@@ -122,21 +122,30 @@ class KeptCluster:
     pid: int | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
 
-    def wait_address(self) -> str:
+    def wait_address(self, timeout_s: float = START_TIMEOUT_S) -> str | None:
         """The scheduler's address; for a cluster this run started, once its workers are up.
-        RuntimeError when it failed to start."""
+        None when it did not start (it exited, was killed, or hung past timeout_s: then it is
+        stopped here by its PID); the run then starts a cluster of its own."""
         if self.address is not None:
             return self.address
         process = self.process
         assert process is not None and process.stdout is not None
         try:
-            line = _read_line(process, START_TIMEOUT_S)
+            line = _read_line(process, timeout_s)
         finally:
             process.stdout.close()
         if not line.startswith("tcp://"):
-            raise RuntimeError(f"the kept Dask cluster did not start (see {self.home / LOG})")
+            if process.poll() is None:
+                terminate(process.pid, 10.0)
+            process.wait()
+            return None
         self.address = line
         return line
+
+    def failed_note(self) -> str:
+        """The one line a run says when the kept cluster it started did not start."""
+        return (f"note: the Dask cluster kept between runs did not start (see "
+                f"{self.home / LOG}); this run starts a cluster of its own")
 
 
 def _read_line(process: subprocess.Popen, timeout_s: float) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,7 +24,16 @@ from flows.kept_cluster import (
     read_record,
     stop_kept_cluster,
 )
-from tests.cli_helpers import ROOT, cli_args, read_summary, run_cli
+from tests.cli_helpers import (
+    ROOT,
+    cli_args,
+    kill_group,
+    our_processes_since,
+    pids_now,
+    read_summary,
+    run_cli,
+    start_cli,
+)
 from tests.test_kept_api import _await_exit
 
 pytestmark = pytest.mark.slow
@@ -196,3 +206,51 @@ def test_a_bad_idle_setting_is_one_line_and_starts_nothing(tmp_path: Path, corpu
         "error: REBOUND_CLUSTER_IDLE='later' is not a duration such as 10m, 90s or 0 "
         "(0: nothing kept between runs)"]
     assert not (home / RECORD).exists() and not (tmp_path / "store").exists()
+
+
+def _server_of(home: Path) -> int | None:
+    """PID of the kept-cluster server started for `home`, once it exists."""
+    for pid in pids_now():
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        if b"flows.cluster_server" in argv and str(home / RECORD).encode() in argv:
+            return int(pid)
+    return None
+
+
+def test_a_kept_cluster_killed_while_it_starts_costs_the_run_nothing(
+        home: Path, tmp_path: Path, corpus: Path, prefect_api: str,
+        reference: dict[str, Any]) -> None:
+    before = pids_now()
+    summary_path = tmp_path / "summary.json"
+    env = {**os.environ, "REBOUND_HOME": str(home), "REBOUND_CLUSTER_IDLE": "2m"}
+    proc = start_cli(cli_args(tmp_path / "store", corpus, "reference", "--summary-json",
+                              str(summary_path)), env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while (server := _server_of(home)) is None:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "the run started no kept cluster"
+            time.sleep(0.02)  # polling /proc: the server's start is not an event we can await
+        # Its imports take seconds: it dies long before its workers are up (the OOM killer's way).
+        os.kill(server, signal.SIGKILL)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert [line for line in err.splitlines() if "did not start" in line] == [
+        f"note: the Dask cluster kept between runs did not start (see {home / 'cluster.log'}); "
+        "this run starts a cluster of its own"]
+    assert not any(line.startswith("note: the Dask cluster at") for line in err.splitlines())
+    summary = read_summary(summary_path)
+    assert summary["status"] == "completed"
+    assert summary["state_hash"] == reference["state_hash"]
+    assert read_record(home) is None and not pid_alive(server)
+    # Nothing of the dead server's, nor of the run's own cluster, outlives the run.
+    deadline = time.monotonic() + 30
+    while (left := our_processes_since(before)):
+        assert time.monotonic() < deadline, f"left running: {left}"
+        time.sleep(0.1)  # polling /proc: orphans are not our children to wait for
