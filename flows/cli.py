@@ -261,6 +261,9 @@ def _run(params: Any, plan: Any, server: Any, started: float, kept_cluster: Any,
     # environment variable reaches the worker processes, which configure logging on import.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     logging.getLogger("distributed").setLevel(logging.WARNING)
+    from flows.supervise import drop_cancelled_reconnects
+
+    logging.getLogger("distributed.client").addFilter(drop_cancelled_reconnects)
     use_gpu = params.device == "cuda" or (params.device == "auto" and cuda_available())
     summary: dict[str, Any] | None = None
     returned: float | None = None  # when the flow returned or raised: after it, no start-up
@@ -278,7 +281,7 @@ def _run(params: Any, plan: Any, server: Any, started: float, kept_cluster: Any,
                 if address is None:
                     sys.stderr.write(kept_cluster.failed_note() + "\n")
                 else:
-                    MANAGERS[address] = KeptClusterManager(address)
+                    MANAGERS[address] = KeptClusterManager(address, kept_cluster.pid)
                     stack.callback(MANAGERS.pop, address, None)
             if address is None:
                 cluster = stack.enter_context(
@@ -318,7 +321,7 @@ def _run(params: Any, plan: Any, server: Any, started: float, kept_cluster: Any,
         restamp_wall(summary, now - started, now - returned if returned else 0.0)
     print_summary(Console(), summary)
     _say_kept_api(getattr(server, "api", None))
-    if kept_cluster is not None and kept_cluster.started_here and kept_cluster.address:
+    if kept_cluster is not None and kept_cluster.started_here and kept_cluster.alive():
         from flows.kept_cluster import describe
 
         sys.stderr.write(describe(kept_cluster) + "\n")

@@ -23,7 +23,7 @@ check_versions()
 
 CLUSTER_START_TIMEOUT = timedelta(seconds=120)
 
-__all__ = ["MANAGERS", "cuda_available", "local_cluster", "rescale"]
+__all__ = ["MANAGERS", "cluster_gone", "cuda_available", "local_cluster", "rescale"]
 
 MANAGERS: dict[str, Any] = {}
 """Scheduler address -> the LocalCluster this process started, while it runs. The CLI starts the
@@ -31,6 +31,14 @@ cluster and hands the flow only its address (a Prefect parameter cannot hold a l
 the flow, in the same process, finds the manager here to ask it for replacement workers
 (flows/redundancy.py). An address missing here is an external cluster: no manager. A cluster
 kept between runs (flows/kept_cluster.py) is managed from its own process, through a proxy."""
+
+
+def cluster_gone(address: str) -> str | None:
+    """Why the cluster at `address` is known to be gone for good (the process that held it
+    died: a kept cluster), in one line; None when nothing says so (it may come back)."""
+    lost = getattr(MANAGERS.get(address), "lost", None)
+    return lost() if lost is not None else None
+
 
 DASK_SETTINGS = {
     # A worker is declared dead when its heartbeats stop for this long. Our batch groups are

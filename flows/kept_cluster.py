@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.kept_api import idle_s_from_env, is_live_server, terminate
+from flows.kept_api import idle_s_from_env, is_live_server, pid_alive, terminate
 
 IDLE_ENV = "REBOUND_CLUSTER_IDLE"
 DEFAULT_IDLE_S = 600.0
@@ -142,6 +142,10 @@ class KeptCluster:
         self.address = line
         return line
 
+    def alive(self) -> bool:
+        """Whether its server is up and serving (it may have died under the run)."""
+        return self.address is not None and self.pid is not None and pid_alive(self.pid)
+
     def failed_note(self) -> str:
         """The one line a run says when the kept cluster it started did not start."""
         return (f"note: the Dask cluster kept between runs did not start (see "
@@ -231,8 +235,17 @@ class KeptClusterManager:
     """MANAGERS' entry for a kept cluster: its LocalCluster lives in the server's process, the
     same process as its scheduler, so the run reaches it through the scheduler."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, pid: int | None = None) -> None:
         self.address = address
+        self.pid = pid
+
+    def lost(self) -> str | None:
+        """One line when the server holding the cluster has died (flows.cluster.cluster_gone):
+        its scheduler and workers went with it, and nothing brings them back."""
+        if self.pid is None or pid_alive(self.pid):
+            return None
+        return (f"the Dask cluster kept between runs ({self.address}, pid {self.pid}) was lost "
+                "(cluster lost)")
 
     def replace_worker(self, drop: str | None, target: int, fresh: str,
                        say: Callable[[str], None] = print) -> None:

@@ -16,6 +16,8 @@ each lost one.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -205,8 +207,12 @@ class ClusterWatch:
 
     def ensure_scheduler(self, timeout: timedelta, what: str) -> None:
         """Return once the scheduler is reachable; InfrastructureError after timeout."""
+        from flows.cluster import cluster_gone
+
         deadline = time.monotonic() + timeout.total_seconds()
         while not self.scheduler_reachable():
+            if gone := cluster_gone(self.address):
+                raise InfrastructureError(f"{gone} during {what}")  # no use waiting for it
             if time.monotonic() > deadline or self.client.status in ("closed", "closing"):
                 raise InfrastructureError(
                     f"Dask scheduler {self.address} unreachable for "
@@ -264,6 +270,14 @@ class ClusterWatch:
         except Exception:  # noqa: BLE001 - already gone is as good as closed
             pass
 
+    def abandon(self) -> None:
+        """Close the client of a cluster known to be gone for good (flows.cluster.cluster_gone):
+        calls blocked on its reconnecting, for up to the client's timeout, fail at once."""
+        try:
+            self.client.close(timeout=2)
+        except Exception:  # noqa: BLE001 - closing a client of a dead scheduler
+            pass
+
     def close(self) -> None:
         if self.provisioner is not None:
             # The cluster is closed next: its workers' removals are no losses to replace.
@@ -275,6 +289,14 @@ class ClusterWatch:
             self.client.close(timeout=5)
         except Exception:  # noqa: BLE001 - closing a client of a dead scheduler
             pass
+
+
+def drop_cancelled_reconnects(record: logging.LogRecord) -> bool:
+    """A logging filter for distributed.client: a client closed while it was reconnecting to a
+    lost scheduler logs the cancellation as an ERROR with a traceback; the run says what was
+    lost in one line of its own."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not isinstance(exc, asyncio.CancelledError)
 
 
 def _task_state(key: str, dask_scheduler: Any = None) -> str | None:

@@ -42,7 +42,12 @@ from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from flows.cluster import cuda_available, local_cluster, running_workers  # noqa: E402
+from flows.cluster import (  # noqa: E402
+    cluster_gone,
+    cuda_available,
+    local_cluster,
+    running_workers,
+)
 from flows.failures import (  # noqa: E402
     Failure,
     collect_failures,
@@ -371,13 +376,16 @@ def _train_epochs(plan: RunPlan, params: TrainParams, tally: RunTally, started: 
                 if out["fatal"]:
                     return "failed", out["fatal"]
                 if out["infra_error"]:
-                    lost_all = any(w in out["infra_error"] for w in ("unreachable", "every Dask"))
+                    lost_all = any(w in out["infra_error"]
+                               for w in ("unreachable", "every Dask", "cluster lost"))
                     tally.errors.append({"kind": "cluster-lost" if lost_all else "worker-lost",
                                          "unix": time.time(), "reason": out["infra_error"]})
                     return "failed", out["infra_error"]
                 if out["stopped"]:
                     return "stopped", out["stopped"]
         finally:
+            if cluster_gone(address):
+                watch.abandon()  # else every call below waits out the client's reconnect
             warmer.__exit__(None, None, None)
             _LIVE.pop(plan.run.run_id, None)
             handled = set()
@@ -399,6 +407,37 @@ def _train_epochs(plan: RunPlan, params: TrainParams, tally: RunTally, started: 
     if plan.stop_at < plan.total_steps:
         return "stopped", f"--until {plan.stop_at} reached"
     return "completed", None
+
+
+def _train_epochs_healing(plan: RunPlan, params: TrainParams, tally: RunTally, started: float,
+                          ref: CheckpointRef | None) -> tuple[str, str | None]:
+    """_train_epochs; when the Dask cluster kept between runs dies under it (its server's
+    process is gone: nothing brings it back), the run goes on from its newest checkpoint on a
+    cluster of its own, in this flow: one summary, one wall clock, the loss among its failures."""
+    address = params.cluster
+    errors_before = len(tally.errors)
+    try:
+        status, reason = _train_epochs(plan, params, tally, started, ref)
+    except InfrastructureError as err:
+        if address is None or not cluster_gone(address):
+            raise
+        status, reason = "failed", str(err)
+    gone = cluster_gone(address) if address is not None and status == "failed" else None
+    if not gone:
+        return status, reason
+    if not any(e["kind"] == "cluster-lost" for e in tally.errors[errors_before:]):
+        tally.errors.append({"kind": "cluster-lost", "unix": time.time(), "reason": gone})
+    first = (tally.rank_failures, tally.worker_losses, tally.hangs, tally.attempt_totals)
+    _say(f"{gone}: the run goes on from its newest checkpoint on a cluster of its own",
+         "yellow")
+    ref = open_store(params.store).latest_committed_ref(plan.run.run_id)
+    status, reason = _train_epochs(plan, params.model_copy(update={"cluster": None}), tally,
+                                   started, ref)
+    tally.rank_failures = first[0] + tally.rank_failures
+    tally.worker_losses = first[1] + tally.worker_losses
+    tally.hangs = first[2] + tally.hangs
+    tally.attempt_totals = first[3] | tally.attempt_totals
+    return status, reason
 
 
 def _tell_the_truth(tally: RunTally, started: float, ended: float) -> Callable[[float], dict]:
@@ -460,7 +499,7 @@ def _train_holding(params: TrainParams, plan: RunPlan, started: float,
             raise lost  # lost while the cluster started: fail before writing anything
         _prepare_store(plan, params)
         ref = _resume_point(plan, tally)
-        status, reason = _train_epochs(plan, params, tally, started, ref)
+        status, reason = _train_epochs_healing(plan, params, tally, started, ref)
     except ConfigurationError:
         raise
     except (FatalStoreError, InfrastructureError) as err:

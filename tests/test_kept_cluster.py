@@ -27,6 +27,7 @@ from flows.kept_cluster import (
 from tests.cli_helpers import (
     ROOT,
     cli_args,
+    committed_steps,
     kill_group,
     our_processes_since,
     pids_now,
@@ -250,6 +251,49 @@ def test_a_kept_cluster_killed_while_it_starts_costs_the_run_nothing(
     assert summary["state_hash"] == reference["state_hash"]
     assert read_record(home) is None and not pid_alive(server)
     # Nothing of the dead server's, nor of the run's own cluster, outlives the run.
+    deadline = time.monotonic() + 30
+    while (left := our_processes_since(before)):
+        assert time.monotonic() < deadline, f"left running: {left}"
+        time.sleep(0.1)  # polling /proc: orphans are not our children to wait for
+
+
+def test_a_kept_cluster_lost_mid_run_heals_on_a_cluster_of_the_runs_own(
+        home: Path, tmp_path: Path, corpus: Path, prefect_api: str,
+        reference: dict[str, Any]) -> None:
+    before = pids_now()
+    store, summary_path = tmp_path / "store", tmp_path / "summary.json"
+    env = {**os.environ, "REBOUND_HOME": str(home), "REBOUND_CLUSTER_IDLE": "2m"}
+    started = time.time()
+    proc = start_cli(cli_args(store, corpus, "reference", "--summary-json", str(summary_path)),
+                     env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(s >= 10 for s in committed_steps(store, "reference")):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "no checkpoint at step 10"
+            time.sleep(0.05)  # polling the store: the event is a directory appearing on disk
+        record = read_record(home)
+        assert record is not None
+        # The server holds the scheduler and the workers' nannies: the whole cluster goes.
+        os.kill(int(record["pid"]), signal.SIGKILL)
+        lost_at = time.time()
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert len([line for line in err.splitlines() if "was lost" in line]) == 1, err[-3000:]
+    summary = read_summary(summary_path)
+    assert summary["status"] == "completed" and summary["final_step"] == 40
+    assert summary["state_hash"] == reference["state_hash"]
+    [lost] = [f for f in summary["failures"] if f["kind"] == "cluster-lost"]
+    # Known at once from the server's PID, not after --cluster-timeout (30 s) of silence.
+    assert lost["at_unix"] - lost_at < 10 and lost["recovered_after_s"] is not None
+    assert summary["wall_s"] > lost_at - started  # one wall clock for both parts
+    assert sorted(committed_steps(store, "reference")) == [5, 10, 15, 20, 25, 30, 35, 40]
+    # No note that a dead cluster stays; nothing of either cluster outlives the run.
+    assert not any(line.startswith("note: the Dask cluster at") for line in err.splitlines())
+    assert read_record(home) is None
     deadline = time.monotonic() + 30
     while (left := our_processes_since(before)):
         assert time.monotonic() < deadline, f"left running: {left}"
