@@ -243,7 +243,7 @@ def _main(argv: list[str] | None, server: Any, started: float, kept_cluster: Any
 
 def _run(params: Any, plan: Any, server: Any, started: float, kept_cluster: Any,
          show_progress: bool) -> int:
-    from flows.cluster import MANAGERS, cuda_available, local_cluster
+    from flows.cluster import CLUSTER_LISTENERS, MANAGERS, cuda_available, local_cluster
     from flows.plan import ConfigurationError
     from flows.prefect_env import rebound_home
     from flows.progress_view import ProgressView
@@ -292,6 +292,8 @@ def _run(params: Any, plan: Any, server: Any, started: float, kept_cluster: Any,
                 console, plan.run.run_id, plan.stop_at, 0,
                 enabled=show_progress and sys.stderr.isatty()))
             view.attach(address)
+            CLUSTER_LISTENERS.append(view.attach)
+            stack.callback(CLUSTER_LISTENERS.remove, view.attach)
             server_ready()
             # The flow gets the cluster's address; its parameters were validated above, with the
             # flags the user gave: validated again as a whole, a cluster the CLI started itself

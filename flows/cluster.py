@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -23,7 +23,7 @@ check_versions()
 
 CLUSTER_START_TIMEOUT = timedelta(seconds=120)
 
-__all__ = ["MANAGERS", "cluster_gone", "cuda_available", "local_cluster", "rescale"]
+__all__ = ["CLUSTER_LISTENERS", "MANAGERS", "cluster_gone", "cuda_available", "local_cluster", "rescale"]
 
 MANAGERS: dict[str, Any] = {}
 """Scheduler address -> the LocalCluster this process started, while it runs. The CLI starts the
@@ -31,6 +31,11 @@ cluster and hands the flow only its address (a Prefect parameter cannot hold a l
 the flow, in the same process, finds the manager here to ask it for replacement workers
 (flows/redundancy.py). An address missing here is an external cluster: no manager. A cluster
 kept between runs (flows/kept_cluster.py) is managed from its own process, through a proxy."""
+
+
+CLUSTER_LISTENERS: list[Callable[[str], None]] = []
+"""Called with the scheduler address of a cluster the flow started to replace a lost one (the
+CLI's progress view follows the run there)."""
 
 
 def cluster_gone(address: str) -> str | None:

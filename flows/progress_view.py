@@ -38,19 +38,26 @@ class ProgressView:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._client is not None:
-            try:
-                self._client.unsubscribe_topic(PROGRESS_TOPIC)
-                self._client.unsubscribe_topic(REDUNDANCY_TOPIC)
-            except Exception:  # noqa: BLE001 - the cluster may already be gone
-                pass
-            self._client.close()
+        self._detach()
         self._progress.stop()
 
+    def _detach(self) -> None:
+        if self._client is None:
+            return
+        try:
+            self._client.unsubscribe_topic(PROGRESS_TOPIC)
+            self._client.unsubscribe_topic(REDUNDANCY_TOPIC)
+        except Exception:  # noqa: BLE001 - the cluster may already be gone
+            pass
+        self._client.close(timeout=2)
+        self._client = None
+
     def attach(self, scheduler_address: str) -> None:
-        """Listen to the cluster's progress events (no-op when disabled)."""
+        """Listen to the cluster's progress events (no-op when disabled); a second call moves
+        to another cluster (the run healed onto it, flows.cluster.CLUSTER_LISTENERS)."""
         if not self._enabled:
             return
+        self._detach()
         self._client = Client(scheduler_address, timeout="30s", set_as_default=False)
         self._client.subscribe_topic(PROGRESS_TOPIC, self._on_event)
         self._client.subscribe_topic(REDUNDANCY_TOPIC, self._on_redundancy)

@@ -43,6 +43,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from flows.cluster import (  # noqa: E402
+    CLUSTER_LISTENERS,
     cluster_gone,
     cuda_available,
     local_cluster,
@@ -431,8 +432,14 @@ def _train_epochs_healing(plan: RunPlan, params: TrainParams, tally: RunTally, s
     _say(f"{gone}: the run goes on from its newest checkpoint on a cluster of its own",
          "yellow")
     ref = open_store(params.store).latest_committed_ref(plan.run.run_id)
-    status, reason = _train_epochs(plan, params.model_copy(update={"cluster": None}), tally,
-                                   started, ref)
+    use_gpu = params.device == "cuda" or (params.device == "auto" and cuda_available())
+    with local_cluster(local_cluster_size(params), rebound_home() / "dask", use_gpu,
+                       boot_low=params.standby == "hot") as cluster:
+        for listener in CLUSTER_LISTENERS:
+            listener(cluster.scheduler_address)
+        status, reason = _train_epochs(
+            plan, params.model_copy(update={"cluster": cluster.scheduler_address}), tally,
+            started, ref)
     tally.rank_failures = first[0] + tally.rank_failures
     tally.worker_losses = first[1] + tally.worker_losses
     tally.hangs = first[2] + tally.hangs

@@ -298,3 +298,35 @@ def test_a_kept_cluster_lost_mid_run_heals_on_a_cluster_of_the_runs_own(
     while (left := our_processes_since(before)):
         assert time.monotonic() < deadline, f"left running: {left}"
         time.sleep(0.1)  # polling /proc: orphans are not our children to wait for
+
+
+def test_the_progress_view_follows_the_run_onto_the_cluster_that_replaced_a_lost_one(
+        tmp_path: Path) -> None:
+    import io
+
+    from distributed import LocalCluster
+    from rich.console import Console
+
+    from flows.progress_view import ProgressView
+    from tasks.progress import PROGRESS_TOPIC
+
+    def shown_after_progress_at(address: str, step: int) -> None:
+        """A worker's progress event at `step`, sent until the view shows it (the view's
+        subscription reaches the scheduler on its own time)."""
+        deadline = time.monotonic() + 30
+        with Client(address, timeout=30, set_as_default=False) as client:
+            while view._progress.tasks[0].completed != step:
+                assert time.monotonic() < deadline, view._progress.tasks[0].completed
+                client.log_event(PROGRESS_TOPIC, {"run_id": "r", "step": step, "loss": 1.0})
+                time.sleep(0.1)  # polling: the event arrives on the view's client thread
+
+    kw = {"n_workers": 0, "processes": True, "host": "127.0.0.1",
+          "dashboard_address": "127.0.0.1:0", "local_directory": str(tmp_path)}
+    with LocalCluster(**kw) as lost, LocalCluster(**kw) as new, \
+            ProgressView(Console(file=io.StringIO()), "r", 40, 0) as view:
+        view.attach(lost.scheduler_address)
+        shown_after_progress_at(lost.scheduler_address, 12)
+        old = view._client
+        view.attach(new.scheduler_address)  # what flows.cluster.CLUSTER_LISTENERS calls
+        assert old is not None and old.status == "closed"
+        shown_after_progress_at(new.scheduler_address, 17)
