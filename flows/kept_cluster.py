@@ -122,16 +122,16 @@ class KeptCluster:
     pid: int | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
 
-    def wait_address(self, timeout_s: float = START_TIMEOUT_S) -> str | None:
+    def wait_address(self) -> str | None:
         """The scheduler's address; for a cluster this run started, once its workers are up.
-        None when it did not start (it exited, was killed, or hung past timeout_s: then it is
-        stopped here by its PID); the run then starts a cluster of its own."""
+        None when it did not start (it exited, was killed, or hung past START_TIMEOUT_S: then
+        it is stopped here by its PID); the run then starts a cluster of its own."""
         if self.address is not None:
             return self.address
         process = self.process
         assert process is not None and process.stdout is not None
         try:
-            line = _read_line(process, timeout_s)
+            line = _read_line(process, START_TIMEOUT_S)
         finally:
             process.stdout.close()
         if not line.startswith("tcp://"):

@@ -104,6 +104,10 @@ def _live(run_id: str) -> tuple[ClusterWatch, RunTally, DataParallelGroups | Non
     return _LIVE[run_id]
 
 
+def _uses_gpu(params: TrainParams) -> bool:
+    return params.device == "cuda" or (params.device == "auto" and cuda_available())
+
+
 @contextlib.contextmanager
 def _cluster_address(params: TrainParams, use_gpu: bool) -> Iterator[str]:
     if params.cluster:
@@ -320,7 +324,7 @@ def _train_epochs(plan: RunPlan, params: TrainParams, tally: RunTally, started: 
                   ref: CheckpointRef | None) -> tuple[str, str | None]:
     """Run the epochs on the cluster; returns (status, reason)."""
     start_step = ref.step if ref is not None else 0
-    use_gpu = params.device == "cuda" or (params.device == "auto" and cuda_available())
+    use_gpu = _uses_gpu(params)
     deadline = started + params.time_budget_s if params.time_budget_s else None
     remaining = [g for g in plan.groups if g.last_step > start_step]
     with _cluster_address(params, use_gpu) as address:
@@ -432,14 +436,12 @@ def _train_epochs_healing(plan: RunPlan, params: TrainParams, tally: RunTally, s
     _say(f"{gone}: the run goes on from its newest checkpoint on a cluster of its own",
          "yellow")
     ref = open_store(params.store).latest_committed_ref(plan.run.run_id)
-    use_gpu = params.device == "cuda" or (params.device == "auto" and cuda_available())
-    with local_cluster(local_cluster_size(params), rebound_home() / "dask", use_gpu,
-                       boot_low=params.standby == "hot") as cluster:
+    own = params.model_copy(update={"cluster": None})
+    with _cluster_address(own, _uses_gpu(params)) as address:
         for listener in CLUSTER_LISTENERS:
-            listener(cluster.scheduler_address)
-        status, reason = _train_epochs(
-            plan, params.model_copy(update={"cluster": cluster.scheduler_address}), tally,
-            started, ref)
+            listener(address)
+        status, reason = _train_epochs(plan, own.model_copy(update={"cluster": address}), tally,
+                                       started, ref)
     tally.rank_failures = first[0] + tally.rank_failures
     tally.worker_losses = first[1] + tally.worker_losses
     tally.hangs = first[2] + tally.hangs
