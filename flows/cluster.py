@@ -23,7 +23,8 @@ check_versions()
 
 CLUSTER_START_TIMEOUT = timedelta(seconds=120)
 
-__all__ = ["CLUSTER_LISTENERS", "MANAGERS", "cluster_gone", "cuda_available", "local_cluster", "rescale"]
+__all__ = ["CLUSTER_LISTENERS", "MANAGERS", "cluster_gone", "cuda_available", "give_up_on", "local_cluster",
+           "rescale"]
 
 MANAGERS: dict[str, Any] = {}
 """Scheduler address -> the LocalCluster this process started, while it runs. The CLI starts the
@@ -40,9 +41,21 @@ CLI's progress view follows the run there)."""
 
 def cluster_gone(address: str) -> str | None:
     """Why the cluster at `address` is known to be gone for good (the process that held it
-    died: a kept cluster), in one line; None when nothing says so (it may come back)."""
+    died or was stopped: a kept cluster), in one line; None when nothing says so (it may come
+    back)."""
     lost = getattr(MANAGERS.get(address), "lost", None)
     return lost() if lost is not None else None
+
+
+def give_up_on(address: str, why: str) -> str | None:
+    """Put down the cluster at `address`, which can serve the run no more (its scheduler does
+    not answer), when this process may (a kept cluster: by its server's PID); then what
+    cluster_gone says of it, else None (a --cluster is not ours to stop)."""
+    put_down = getattr(MANAGERS.get(address), "put_down", None)
+    if put_down is None:
+        return None
+    put_down(why)
+    return cluster_gone(address)
 
 
 DASK_SETTINGS = {

@@ -135,9 +135,21 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    with contextlib.suppress(OSError):  # a zombie is gone for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
+    return process_state(pid) != "Z"  # a zombie is gone for our purposes
+
+
+def process_state(pid: int) -> str | None:
+    """The kernel's one-letter state of `pid` (R, S, D, T stopped, Z zombie...); None when it
+    cannot be read (gone, or no /proc)."""
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return None
+
+
+def stopped(pid: int) -> bool:
+    """Whether `pid` is stopped by a signal (SIGSTOP, SIGTSTP...): alive, and serving nobody
+    until someone sends SIGCONT."""
+    return process_state(pid) == "T"
 
 
 def is_live_server(record: dict, module: str, token: str) -> bool:

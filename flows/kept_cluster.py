@@ -43,21 +43,25 @@ import importlib.metadata
 import json
 import os
 import selectors
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.kept_api import idle_s_from_env, is_live_server, pid_alive, terminate
+from flows.kept_api import idle_s_from_env, is_live_server, pid_alive, stopped, terminate
 
 IDLE_ENV = "REBOUND_CLUSTER_IDLE"
 DEFAULT_IDLE_S = 600.0
 RECORD, START_LOCK, LOG = "cluster.json", "cluster.lock", "cluster.log"
 START_TIMEOUT_S = 180.0
 """The first run waits this long for the server's workers (a LocalCluster allows 120 s)."""
+PUT_DOWN_TIMEOUT_S = 10.0
+"""How long a run waits for a server it SIGKILLed to be gone."""
 
 ROOT = Path(__file__).resolve().parents[1]
 OUR_PACKAGES = ("flows", "tasks", "training", "storage")
@@ -204,6 +208,11 @@ def claim(home: Path, n_workers: int, use_gpu: bool, idle: float) -> KeptCluster
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         record = read_record(home)
+        if record is not None and stopped(int(record["pid"])):
+            # Stopped by a signal, it would hang this run at its first call: a cluster that
+            # serves nobody is put down, and this run starts the one that takes its record.
+            KeptClusterManager(str(record["address"]), int(record["pid"])).put_down("stopped")
+            record = None
         if record is not None and record.get("key") == key:
             return KeptCluster(home, key, float(record["idle_s"]), started_here=False,
                                address=str(record["address"]), pid=int(record["pid"]))
@@ -238,14 +247,35 @@ class KeptClusterManager:
     def __init__(self, address: str, pid: int | None = None) -> None:
         self.address = address
         self.pid = pid
+        self._put_down: str | None = None
 
     def lost(self) -> str | None:
-        """One line when the server holding the cluster has died (flows.cluster.cluster_gone):
-        its scheduler and workers went with it, and nothing brings them back."""
-        if self.pid is None or pid_alive(self.pid):
+        """One line when the server holding the cluster is gone for this run (flows.cluster.
+        cluster_gone): it died, and its scheduler and workers went with it; or it was stopped
+        by a signal, and is put down here; or the run put it down (put_down)."""
+        if self.pid is None:
             return None
-        return (f"the Dask cluster kept between runs ({self.address}, pid {self.pid}) was lost "
-                "(cluster lost)")
+        why = self._put_down
+        if why is None and pid_alive(self.pid):
+            if not stopped(self.pid):
+                return None
+            why = self.put_down("was stopped by a signal and is put down")
+        return (f"the Dask cluster kept between runs ({self.address}, pid {self.pid}) "
+                f"{why or 'was lost'} (cluster lost)")
+
+    def put_down(self, why: str) -> str:
+        """SIGKILL the server, which can serve this run no more (stopped, or its scheduler does
+        not answer), by its PID, and wait for it to go: its workers' nannies live in it, so
+        they go too (none goes on training beside the run's new cluster), and no later run
+        finds it. `why` is what lost() says from now on; returned."""
+        assert self.pid is not None
+        self._put_down = why
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)  # a stopped process dies of it too
+        deadline = time.monotonic() + PUT_DOWN_TIMEOUT_S
+        while pid_alive(self.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling: the server is not always this process's child
+        return why
 
     def replace_worker(self, drop: str | None, target: int, fresh: str,
                        say: Callable[[str], None] = print) -> None:

@@ -20,9 +20,10 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from distributed import Client
 
@@ -30,6 +31,8 @@ from tasks.progress import PROGRESS_TOPIC
 
 if TYPE_CHECKING:
     from flows.redundancy import Provisioner
+
+T = TypeVar("T")
 
 
 class InfrastructureError(RuntimeError):
@@ -47,6 +50,10 @@ STATE_CHECK_EVERY_S = 5.0
 """How often it asks the scheduler for its task's state when no worker was lost lately."""
 STRANDING_WINDOW_S = 30.0
 """After a worker's removal, the task's state is asked for every 0.5 s for this long."""
+LOOK_TIMEOUT_S = 10.0
+"""A look at the scheduler unanswered this long counts as unanswered: a scheduler whose process
+lives but answers nothing (stopped, wedged) would otherwise hold the run forever. One that
+answers none for --cluster-timeout is lost, as an unreachable one is."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,8 @@ class ClusterWatch:
         self.max_failures_per_worker = 0
         self.failures_per_worker: dict[str, int] = {}
         self._restarting: set[str] = set()
+        self._unanswered_since: float | None = None
+        """time.monotonic() of the first look in a row that went unanswered."""
         self.client.subscribe_topic(PROGRESS_TOPIC, self._on_progress)
         self.client.subscribe_topic("all", self._on_cluster_event)
 
@@ -203,13 +212,19 @@ class ClusterWatch:
             return time.time() - self.last_progress_unix
 
     def scheduler_reachable(self) -> bool:
-        return self.client.status == "running"
-
-    def ensure_scheduler(self, timeout: timedelta, what: str) -> None:
-        """Return once the scheduler is reachable; InfrastructureError after timeout."""
+        """Connected, answering, and not known to be gone (flows.cluster.cluster_gone: a kept
+        cluster's server that died or was stopped)."""
         from flows.cluster import cluster_gone
 
-        deadline = time.monotonic() + timeout.total_seconds()
+        return (self.client.status == "running" and self._unanswered_since is None
+                and not cluster_gone(self.address))
+
+    def ensure_scheduler(self, timeout: timedelta, what: str) -> None:
+        """Return once the scheduler is reachable and answers; InfrastructureError after
+        timeout (counted from the first unanswered look), at once when it is gone for good."""
+        from flows.cluster import cluster_gone
+
+        deadline = (self._unanswered_since or time.monotonic()) + timeout.total_seconds()
         while not self.scheduler_reachable():
             if gone := cluster_gone(self.address):
                 raise InfrastructureError(f"{gone} during {what}")  # no use waiting for it
@@ -217,7 +232,27 @@ class ClusterWatch:
                 raise InfrastructureError(
                     f"Dask scheduler {self.address} unreachable for "
                     f"{timeout.total_seconds():.0f} s during {what} (cluster lost)")
-            time.sleep(0.1)
+            if self._unanswered_since is not None and self.client.status == "running":
+                self.worker_count()  # another look: an answer ends the wait
+            else:
+                time.sleep(0.1)
+
+    def answering(self) -> bool:
+        """False while the scheduler leaves our looks unanswered (see LOOK_TIMEOUT_S)."""
+        return self._unanswered_since is None
+
+    def _look(self, call: Callable[[], T]) -> T:
+        """call() (a round trip to the scheduler bounded by LOOK_TIMEOUT_S), keeping the
+        clock of unanswered looks."""
+        try:
+            answer = call()
+        except TimeoutError:
+            with self._lock:
+                self._unanswered_since = self._unanswered_since or time.monotonic()
+            raise
+        with self._lock:
+            self._unanswered_since = None
+        return answer
 
     def lost_within(self, seconds: float) -> bool:
         """Whether the scheduler removed a worker in the last `seconds` (as heard here)."""
@@ -225,16 +260,20 @@ class ClusterWatch:
             return any(time.time() - loss.noticed_unix < seconds for loss in self.losses)
 
     def worker_count(self) -> int:
+        client = self.client
         try:
-            info = self.client.scheduler_info(n_workers=-1)
+            info = self._look(lambda: client.sync(client.scheduler.identity, n_workers=-1,
+                                                  callback_timeout=LOOK_TIMEOUT_S))
         except Exception:  # noqa: BLE001 - unreachable counts as unknown, handled by the caller
             return -1
         return len(info.get("workers", {}))
 
     def worker_processing(self, key: str) -> str | None:
         """Address of the worker running the task `key`, if any."""
+        client = self.client
         try:
-            processing = self.client.processing()
+            processing = self._look(lambda: client.sync(
+                client.scheduler.processing, workers=None, callback_timeout=LOOK_TIMEOUT_S))
         except Exception:  # noqa: BLE001
             return None
         for worker, keys in processing.items():
@@ -245,7 +284,8 @@ class ClusterWatch:
     def task_state(self, key: str) -> str | None:
         """The scheduler's state of a task ('processing', 'no-worker', ...); None if unknown."""
         try:
-            return self.client.run_on_scheduler(_task_state, key=key)
+            return self._look(lambda: self.client.run_on_scheduler(
+                _task_state, key=key, callback_timeout=LOOK_TIMEOUT_S))
         except Exception:  # noqa: BLE001
             return None
 

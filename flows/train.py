@@ -46,6 +46,7 @@ from flows.cluster import (  # noqa: E402
     CLUSTER_LISTENERS,
     cluster_gone,
     cuda_available,
+    give_up_on,
     local_cluster,
     running_workers,
 )
@@ -389,7 +390,7 @@ def _train_epochs(plan: RunPlan, params: TrainParams, tally: RunTally, started: 
                 if out["stopped"]:
                     return "stopped", out["stopped"]
         finally:
-            if cluster_gone(address):
+            if cluster_gone(address) or not watch.answering():
                 watch.abandon()  # else every call below waits out the client's reconnect
             warmer.__exit__(None, None, None)
             _LIVE.pop(plan.run.run_id, None)
@@ -414,6 +415,16 @@ def _train_epochs(plan: RunPlan, params: TrainParams, tally: RunTally, started: 
     return "completed", None
 
 
+def _gone_for_good(address: str, reason: str | None) -> str | None:
+    """cluster_gone; and a kept cluster whose scheduler answered nothing for --cluster-timeout
+    (its server lives, wedged) is put down by its PID, so it is gone too."""
+    if gone := cluster_gone(address):
+        return gone
+    if reason and "unreachable for" in reason:
+        return give_up_on(address, "answered nothing for --cluster-timeout and is put down")
+    return None
+
+
 def _train_epochs_healing(plan: RunPlan, params: TrainParams, tally: RunTally, started: float,
                           ref: CheckpointRef | None) -> tuple[str, str | None]:
     """_train_epochs; when the Dask cluster kept between runs dies under it (its server's
@@ -424,10 +435,10 @@ def _train_epochs_healing(plan: RunPlan, params: TrainParams, tally: RunTally, s
     try:
         status, reason = _train_epochs(plan, params, tally, started, ref)
     except InfrastructureError as err:
-        if address is None or not cluster_gone(address):
+        if address is None or not _gone_for_good(address, str(err)):
             raise
         status, reason = "failed", str(err)
-    gone = cluster_gone(address) if address is not None and status == "failed" else None
+    gone = _gone_for_good(address, reason) if address is not None and status == "failed" else None
     if not gone:
         return status, reason
     if not any(e["kind"] == "cluster-lost" for e in tally.errors[errors_before:]):

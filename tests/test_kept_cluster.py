@@ -3,11 +3,13 @@ real servers, real runs; every server a test starts is stopped by its PID, also 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -181,6 +183,21 @@ def test_one_run_at_a_time_another_environment_gets_its_own_and_an_idle_one_leav
     assert not (home / RECORD).exists()
 
 
+def test_a_stopped_kept_cluster_is_put_down_and_the_next_run_starts_its_own(home: Path) -> None:
+    first = _claim(home)
+    assert first is not None and first["started_here"]
+    os.kill(first["pid"], signal.SIGSTOP)
+    try:
+        # Reused, it would hang the run at its first call to the scheduler.
+        again = _claim(home)
+        assert again is not None and again["started_here"] and again["pid"] != first["pid"]
+        assert not pid_alive(first["pid"])
+        assert read_record(home)["pid"] == again["pid"]  # type: ignore[index]
+    finally:
+        if pid_alive(first["pid"]):
+            os.kill(first["pid"], signal.SIGKILL)
+
+
 def test_the_key_follows_our_code(tmp_path: Path) -> None:
     before = cluster_key(2, False)
     assert cluster_key(2, False) == before
@@ -257,10 +274,28 @@ def test_a_kept_cluster_killed_while_it_starts_costs_the_run_nothing(
         time.sleep(0.1)  # polling /proc: orphans are not our children to wait for
 
 
+def _wedge(address: str) -> None:
+    """Block the scheduler's event loop for 10 min, as a stuck plugin would: its process lives
+    and is not stopped, and it answers nothing (this client's call fails when it is put down)."""
+    def block() -> None:
+        with contextlib.suppress(Exception), Client(address, timeout=30,
+                                                      set_as_default=False) as client:
+            client.run_on_scheduler(time.sleep, 600)
+    threading.Thread(target=block, daemon=True).start()
+
+
+@pytest.mark.parametrize(("blow", "said", "known_within_s"), [
+    ("killed", "was lost (cluster lost)", 10),
+    # Alive, serving nobody: without looks of its own, the run would wait for it forever.
+    ("stopped", "was stopped by a signal and is put down (cluster lost)", 10),
+    # Alive, not stopped, answering nothing: --cluster-timeout (30 s) of unanswered looks.
+    ("wedged", "answered nothing for --cluster-timeout and is put down (cluster lost)", 60),
+], ids=["killed", "stopped", "wedged"])
 def test_a_kept_cluster_lost_mid_run_heals_on_a_cluster_of_the_runs_own(
         home: Path, tmp_path: Path, corpus: Path, prefect_api: str,
-        reference: dict[str, Any]) -> None:
+        reference: dict[str, Any], blow: str, said: str, known_within_s: float) -> None:
     before = pids_now()
+    server: int | None = None
     store, summary_path = tmp_path / "store", tmp_path / "summary.json"
     env = {**os.environ, "REBOUND_HOME": str(home), "REBOUND_CLUSTER_IDLE": "2m"}
     started = time.time()
@@ -274,21 +309,28 @@ def test_a_kept_cluster_lost_mid_run_heals_on_a_cluster_of_the_runs_own(
             time.sleep(0.05)  # polling the store: the event is a directory appearing on disk
         record = read_record(home)
         assert record is not None
+        server = int(record["pid"])
         # The server holds the scheduler and the workers' nannies: the whole cluster goes.
-        os.kill(int(record["pid"]), signal.SIGKILL)
+        if blow == "wedged":
+            _wedge(str(record["address"]))
+        else:
+            os.kill(server, signal.SIGKILL if blow == "killed" else signal.SIGSTOP)
         lost_at = time.time()
         _, err = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             kill_group(proc)
+        if server is not None and pid_alive(server):
+            os.kill(server, signal.SIGKILL)  # a stopped server the run failed to put down
     assert proc.returncode == 0, err[-3000:]
-    assert len([line for line in err.splitlines() if "was lost" in line]) == 1, err[-3000:]
+    assert len([line for line in err.splitlines() if said in line]) == 1, err[-3000:]
+    assert not pid_alive(server)  # a stopped one too: it would hang the next run
     summary = read_summary(summary_path)
     assert summary["status"] == "completed" and summary["final_step"] == 40
     assert summary["state_hash"] == reference["state_hash"]
     [lost] = [f for f in summary["failures"] if f["kind"] == "cluster-lost"]
-    # Known at once from the server's PID, not after --cluster-timeout (30 s) of silence.
-    assert lost["at_unix"] - lost_at < 10 and lost["recovered_after_s"] is not None
+    # Killed or stopped: known at once from the server's PID, not after --cluster-timeout.
+    assert lost["at_unix"] - lost_at < known_within_s and lost["recovered_after_s"] is not None
     assert summary["wall_s"] > lost_at - started  # one wall clock for both parts
     assert sorted(committed_steps(store, "reference")) == [5, 10, 15, 20, 25, 30, 35, 40]
     # No note that a dead cluster stays; nothing of either cluster outlives the run.
