@@ -232,10 +232,10 @@ class ClusterWatch:
                 raise InfrastructureError(
                     f"Dask scheduler {self.address} unreachable for "
                     f"{timeout.total_seconds():.0f} s during {what} (cluster lost)")
-            if self._unanswered_since is not None and self.client.status == "running":
-                self.worker_count()  # another look: an answer ends the wait
-            else:
-                time.sleep(0.1)
+            if self._unanswered_since is not None and self.client.status == "running" \
+                    and self.worker_count() >= 0:
+                continue  # another look, answered: the wait is over
+            time.sleep(0.1)
 
     def answering(self) -> bool:
         """False while the scheduler leaves our looks unanswered (see LOOK_TIMEOUT_S)."""
