@@ -150,10 +150,11 @@ def count_workers(address: str, wanted: int, timeout: timedelta) -> int | None:
         return len(client.scheduler_info(n_workers=-1)["workers"])
 
 
-def running_workers(client: Client) -> set[str]:
-    """Addresses of the scheduler's workers that can take a task now (empty when unknown)."""
+def running_workers(watch: Any) -> set[str]:
+    """Addresses of the workers of `watch`'s scheduler (a flows.supervise.ClusterWatch) that
+    can take a task now; empty when unknown (a look unanswered within its bound included)."""
     try:
-        workers = client.scheduler_info(n_workers=-1)["workers"]
+        workers = watch.workers()
     except Exception:  # noqa: BLE001 - unreachable: the caller's watcher reports a lost cluster
         return set()
     return {addr for addr, info in workers.items() if info.get("status", "running") == "running"}

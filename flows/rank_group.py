@@ -125,11 +125,11 @@ class DataParallelGroups:
 
     def _alive(self) -> list[str]:
         try:
-            info = self.watch.client.scheduler_info(n_workers=-1)
+            workers = self.watch.workers()
         except Exception:  # noqa: BLE001 - the supervisor's scheduler checks report it
             return []
         quarantined = {q["worker"] for q in self.watch.quarantined}
-        return sorted(w for w in info.get("workers", {})
+        return sorted(w for w in workers
                       if w not in quarantined and w not in self.out_of_service)
 
     def release(self) -> None:

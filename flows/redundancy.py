@@ -103,7 +103,7 @@ class Provisioner:
                     target, timeout=params.watchdog.no_worker_timeout.total_seconds())
             except TimeoutError:
                 pass
-        alive = set(watch.client.scheduler_info(n_workers=-1)["workers"])
+        alive = set(watch.workers())
         if manager is None:
             target = len(alive)  # an external cluster keeps the size it has
         provisioner = cls(watch.address, params.standby, params.spares, target, manager, alive,
@@ -244,6 +244,6 @@ def redundancy_state(watch: ClusterWatch, ranks: Any | None,
         roles, spares = ranks.roles(), ranks.spares()
     else:
         roles = {last_worker: "rank 0"} if last_worker else {}
-        spares = sorted(w for w in running_workers(watch.client)
+        spares = sorted(w for w in running_workers(watch)
                         if w not in roles and w not in quarantined)
     return provisioner.state(roles, spares, watch.quarantined, watch.worker_count())

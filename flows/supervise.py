@@ -243,7 +243,11 @@ class ClusterWatch:
 
     def _look(self, call: Callable[[], T]) -> T:
         """call() (a round trip to the scheduler bounded by LOOK_TIMEOUT_S), keeping the
-        clock of unanswered looks."""
+        clock of unanswered looks; InfrastructureError at once for a cluster gone for good."""
+        from flows.cluster import cluster_gone
+
+        if gone := cluster_gone(self.address):
+            raise InfrastructureError(gone)
         try:
             answer = call()
         except TimeoutError:
@@ -259,14 +263,19 @@ class ClusterWatch:
         with self._lock:
             return any(time.time() - loss.noticed_unix < seconds for loss in self.losses)
 
-    def worker_count(self) -> int:
+    def workers(self) -> dict[str, dict[str, Any]]:
+        """The scheduler's workers, address -> its info (a bounded look: raises when it is
+        not answered)."""
         client = self.client
+        info = self._look(lambda: client.sync(client.scheduler.identity, n_workers=-1,
+                                              callback_timeout=LOOK_TIMEOUT_S))
+        return dict(info.get("workers", {}))
+
+    def worker_count(self) -> int:
         try:
-            info = self._look(lambda: client.sync(client.scheduler.identity, n_workers=-1,
-                                                  callback_timeout=LOOK_TIMEOUT_S))
+            return len(self.workers())
         except Exception:  # noqa: BLE001 - unreachable counts as unknown, handled by the caller
             return -1
-        return len(info.get("workers", {}))
 
     def worker_processing(self, key: str) -> str | None:
         """Address of the worker running the task `key`, if any."""
@@ -306,7 +315,8 @@ class ClusterWatch:
             self.provisioner.replace(worker, "quarantined", reason)
         try:
             # Not retire_workers: it refuses while the worker holds results nobody else has.
-            self.client.run_on_scheduler(_close_worker, worker=worker)
+            self._look(lambda: self.client.run_on_scheduler(
+                _close_worker, worker=worker, callback_timeout=LOOK_TIMEOUT_S))
         except Exception:  # noqa: BLE001 - already gone is as good as closed
             pass
 

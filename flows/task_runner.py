@@ -58,6 +58,11 @@ class ReboundTaskRunner(DaskTaskRunner):
                dependencies: dict[str, Any] | None = None) -> PrefectDaskFuture:
         if not self._started:
             raise RuntimeError("The task runner must be started before submitting work.")
+        from flows.cluster import cluster_gone
+
+        # A client's first connection to a scheduler that is stopped waits for it forever.
+        if self.address and (gone := cluster_gone(self.address)):
+            raise ConnectionError(gone)
         parameters = self._optimize_futures(parameters)
         wait_for = self._optimize_futures(wait_for) if wait_for else None
         future = self.client.submit(task, parameters=parameters, wait_for=wait_for,

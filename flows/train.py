@@ -139,7 +139,7 @@ def _placement(use_gpu: bool, warm_worker: str | None,
     """
     placement: dict[str, Any] = {"resources": {"GPU": 1}} if use_gpu else {}
     if warm_worker:
-        running = running_workers(watch.client)
+        running = running_workers(watch)
         if warm_worker in running and len(running) > 1:
             placement.update(workers=[warm_worker], allow_other_workers=True)
     return dask.annotate(**placement)

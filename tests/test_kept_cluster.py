@@ -3,13 +3,11 @@ real servers, real runs; every server a test starts is stopped by its PID, also 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -274,23 +272,12 @@ def test_a_kept_cluster_killed_while_it_starts_costs_the_run_nothing(
         time.sleep(0.1)  # polling /proc: orphans are not our children to wait for
 
 
-def _wedge(address: str) -> None:
-    """Block the scheduler's event loop for 10 min, as a stuck plugin would: its process lives
-    and is not stopped, and it answers nothing (this client's call fails when it is put down)."""
-    def block() -> None:
-        with contextlib.suppress(Exception), Client(address, timeout=30,
-                                                      set_as_default=False) as client:
-            client.run_on_scheduler(time.sleep, 600)
-    threading.Thread(target=block, daemon=True).start()
-
-
 @pytest.mark.parametrize(("blow", "said", "known_within_s"), [
     ("killed", "was lost (cluster lost)", 10),
-    # Alive, serving nobody: without looks of its own, the run would wait for it forever.
-    ("stopped", "was stopped by a signal and is put down (cluster lost)", 10),
-    # Alive, not stopped, answering nothing: --cluster-timeout (30 s) of unanswered looks.
-    ("wedged", "answered nothing for --cluster-timeout and is put down (cluster lost)", 60),
-], ids=["killed", "stopped", "wedged"])
+    # Alive, serving nobody: without bounded looks of its own, the run would wait forever. A
+    # look in flight when it stops runs out its 10 s first.
+    ("stopped", "was stopped by a signal and is put down (cluster lost)", 40),
+], ids=["killed", "stopped"])
 def test_a_kept_cluster_lost_mid_run_heals_on_a_cluster_of_the_runs_own(
         home: Path, tmp_path: Path, corpus: Path, prefect_api: str,
         reference: dict[str, Any], blow: str, said: str, known_within_s: float) -> None:
@@ -311,10 +298,7 @@ def test_a_kept_cluster_lost_mid_run_heals_on_a_cluster_of_the_runs_own(
         assert record is not None
         server = int(record["pid"])
         # The server holds the scheduler and the workers' nannies: the whole cluster goes.
-        if blow == "wedged":
-            _wedge(str(record["address"]))
-        else:
-            os.kill(server, signal.SIGKILL if blow == "killed" else signal.SIGSTOP)
+        os.kill(server, signal.SIGKILL if blow == "killed" else signal.SIGSTOP)
         lost_at = time.time()
         _, err = proc.communicate(timeout=600)
     finally:
@@ -329,7 +313,7 @@ def test_a_kept_cluster_lost_mid_run_heals_on_a_cluster_of_the_runs_own(
     assert summary["status"] == "completed" and summary["final_step"] == 40
     assert summary["state_hash"] == reference["state_hash"]
     [lost] = [f for f in summary["failures"] if f["kind"] == "cluster-lost"]
-    # Killed or stopped: known at once from the server's PID, not after --cluster-timeout.
+    # Known from the server's PID, not after --cluster-timeout (30 s) of silence.
     assert lost["at_unix"] - lost_at < known_within_s and lost["recovered_after_s"] is not None
     assert summary["wall_s"] > lost_at - started  # one wall clock for both parts
     assert sorted(committed_steps(store, "reference")) == [5, 10, 15, 20, 25, 30, 35, 40]
