@@ -31,6 +31,7 @@ def kept_api_stopped_after() -> Iterator[None]:
     processes they kill in each run's process group, and time every contender's workers from
     its command."""
     os.environ.setdefault("REBOUND_CLUSTER_IDLE", "0")
+    os.environ.setdefault("REBOUND_COORDINATOR_IDLE", "0")  # each run's processes its own
     if os.environ.get("PREFECT_API_URL"):  # the runs use that server: none is kept
         yield
         return

@@ -218,7 +218,8 @@ def _kept_env(home: Path) -> dict[str, str]:
     """Rebound's runs with --rebound-cluster kept: the Dask cluster (and Prefect API) kept in
     the bench's own REBOUND_HOME, the same environment for every run (the cluster's key)."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_HOME"}  # its own, in home
-    return {**env, "REBOUND_HOME": str(home), "REBOUND_CLUSTER_IDLE": "30m"}
+    return {**env, "REBOUND_HOME": str(home), "REBOUND_CLUSTER_IDLE": "30m",
+            "REBOUND_COORDINATOR_IDLE": "30m"}
 
 
 def prime_kept_cluster(args: argparse.Namespace, home: Path, workdir: Path) -> None:
@@ -403,6 +404,7 @@ def _kept_cluster(args: argparse.Namespace, tmp: Path) -> Iterator[None]:
         return
     from flows.kept_api import stop_kept_server
     from flows.kept_cluster import stop_kept_cluster
+    from flows.kept_coordinator import stop_kept_coordinator
 
     home = tmp / "rebound-home"
     args.kept_home = str(home)
@@ -410,6 +412,7 @@ def _kept_cluster(args: argparse.Namespace, tmp: Path) -> Iterator[None]:
         prime_kept_cluster(args, home, tmp / "prime")
         yield
     finally:
+        stop_kept_coordinator(home)
         stop_kept_cluster(home)
         stop_kept_server(home / "prefect")
 

@@ -86,6 +86,7 @@ import argparse
 import contextlib
 import functools
 import json
+import os
 import signal
 import statistics
 import sys
@@ -304,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     from flows.prefect_env import local_prefect_server, prepare_environment
 
     api = prepare_environment(keep_api=False)  # the bench stops what it starts
+    # And its runs keep no cluster nor coordinator: each run's processes are its own.
+    os.environ.setdefault("REBOUND_CLUSTER_IDLE", "0")
+    os.environ.setdefault("REBOUND_COORDINATOR_IDLE", "0")
     with local_prefect_server(api), contextlib.ExitStack() as stack:
         tmp = args.workdir or stack.enter_context(
             tempfile.TemporaryDirectory(prefix="rebound-bench-redundancy-"))

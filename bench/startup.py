@@ -4,13 +4,19 @@ of --threads torch threads) and is timed from just before its command starts to 
 first optimizer step:
   torchrun        `torchrun --standalone --nproc-per-node=1 bench/torchrun_train.py`: the same
                   Trainer; the first step's time is the first line of its step log.
-  rebound_cold    `python -m flows.train` with REBOUND_API_IDLE=0 REBOUND_CLUSTER_IDLE=0: the
-                  run starts its own Prefect API and its own LocalCluster, and stops both.
+  rebound_cold    `python -m flows.train` with REBOUND_API_IDLE=0 REBOUND_CLUSTER_IDLE=0
+                  REBOUND_COORDINATOR_IDLE=0: the run starts its own Prefect API and its own
+                  LocalCluster, and stops both.
   rebound_kept_api
-                  REBOUND_CLUSTER_IDLE=0: the Prefect API kept between runs (flows/kept_api.py)
-                  is reused; the run starts its own cluster (the workers' forkserver imports).
-  rebound_warm    the defaults: the kept API and the Dask cluster kept between runs
-                  (flows/kept_cluster.py) are both reused; the run starts no worker.
+                  REBOUND_CLUSTER_IDLE=0 REBOUND_COORDINATOR_IDLE=0: the Prefect API kept
+                  between runs (flows/kept_api.py) is reused; the run starts its own cluster
+                  (the workers' forkserver imports).
+  rebound_kept_cluster
+                  REBOUND_COORDINATOR_IDLE=0: the kept API and the Dask cluster kept between
+                  runs (flows/kept_cluster.py) are both reused; the run starts no worker, and
+                  its command imports Prefect, Dask and the rest itself.
+  rebound_warm    the defaults: as rebound_kept_cluster, and the command hands its run to the
+                  coordinator kept with those imports done (flows/kept_coordinator.py).
 Rebound's first step is the first `first_step_unix` of its attempt records in the store. Each
 Rebound contender has its own REBOUND_HOME (one Prefect database per server), primed by one run
 that is not timed (the database is created, the kept servers are started): every timed run
@@ -47,14 +53,20 @@ from bench._table import print_table, with_spread
 from bench.recovery import BenchError, _process, _torchrun_cmd, _wait
 from flows.kept_api import stop_kept_server
 from flows.kept_cluster import stop_kept_cluster
+from flows.kept_coordinator import stop_kept_coordinator
 from storage import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN_SCRIPT = ROOT / "bench" / "torchrun_train.py"
 REBOUND_ENV = {
-    "rebound_cold": {"REBOUND_API_IDLE": "0", "REBOUND_CLUSTER_IDLE": "0"},
-    "rebound_kept_api": {"REBOUND_API_IDLE": "15m", "REBOUND_CLUSTER_IDLE": "0"},
-    "rebound_warm": {"REBOUND_API_IDLE": "15m", "REBOUND_CLUSTER_IDLE": "15m"},
+    "rebound_cold": {"REBOUND_API_IDLE": "0", "REBOUND_CLUSTER_IDLE": "0",
+                     "REBOUND_COORDINATOR_IDLE": "0"},
+    "rebound_kept_api": {"REBOUND_API_IDLE": "15m", "REBOUND_CLUSTER_IDLE": "0",
+                         "REBOUND_COORDINATOR_IDLE": "0"},
+    "rebound_kept_cluster": {"REBOUND_API_IDLE": "15m", "REBOUND_CLUSTER_IDLE": "15m",
+                             "REBOUND_COORDINATOR_IDLE": "0"},
+    "rebound_warm": {"REBOUND_API_IDLE": "15m", "REBOUND_CLUSTER_IDLE": "15m",
+                     "REBOUND_COORDINATOR_IDLE": "15m"},
 }
 CONTENDERS = ("torchrun", *REBOUND_ENV)
 NUMERIC = ("first_step_s", "ready_s", "started_s", "wall_s")
@@ -130,6 +142,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                           f"{r['first_step_s']:.2f} s", file=sys.stderr)
         finally:
             for home in homes.values():
+                stop_kept_coordinator(home)
                 stop_kept_cluster(home)
                 stop_kept_server(home / "prefect")
     rows = []

@@ -69,7 +69,7 @@ DEPENDENCIES = ("torch", "dask", "distributed", "prefect", "zarr", "numpy", "xxh
 VOLATILE_ENV = frozenset({"PWD", "OLDPWD", "SHLVL", "_", "TERM", "COLUMNS", "LINES",
                           "TERM_PROGRAM", "TERM_PROGRAM_VERSION", "SSH_TTY", "SSH_CONNECTION",
                           "SSH_CLIENT", "DISPLAY", "WINDOWID", "REBOUND_API_IDLE",
-                          "REBOUND_CLUSTER_IDLE"})
+                          "REBOUND_CLUSTER_IDLE", "REBOUND_COORDINATOR_IDLE"})
 """Environment variables a worker never reads: they differ from one shell to the next, or say
 only how long the coordinator's servers stay."""
 
@@ -86,6 +86,14 @@ def idle_s() -> float:
 
 def cluster_key(n_workers: int, use_gpu: bool) -> str:
     """What a kept cluster's workers were started with that a run relies on."""
+    payload = {"workers": n_workers, "gpu": use_gpu, **code_and_environment()}
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:32]
+
+
+def code_and_environment() -> dict[str, Any]:
+    """What a process kept between runs imported our code under: the interpreter, the working
+    directory, the dependencies' versions, our source files (size, mtime) and the environment
+    (but VOLATILE_ENV)."""
     code = []
     for package in OUR_PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
@@ -95,10 +103,9 @@ def cluster_key(n_workers: int, use_gpu: bool) -> str:
     for name in DEPENDENCIES:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[name] = importlib.metadata.version(name)
-    payload = {"workers": n_workers, "gpu": use_gpu, "python": sys.executable,
-               "cwd": os.getcwd(), "versions": sorted(versions.items()), "code": code,
-               "env": sorted((k, v) for k, v in os.environ.items() if k not in VOLATILE_ENV)}
-    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:32]
+    return {"python": sys.executable, "cwd": os.getcwd(), "versions": sorted(versions.items()),
+            "code": code,
+            "env": sorted((k, v) for k, v in os.environ.items() if k not in VOLATILE_ENV)}
 
 
 def _is_our_server(record: dict) -> bool:

@@ -7,14 +7,27 @@ cluster, train epoch by epoch in supervised batch-group tasks, evaluate at epoch
 from __future__ import annotations
 
 if __name__ == "__main__":
+    import os
     import sys
     import time
 
-    _STARTED = time.time()  # the imports below are start-up too: seconds of it
-    # Prefect reads its settings from the environment when imported: set them first.
-    from flows.prefect_env import prepare_environment
+    from flows.kept_coordinator import handed_over
 
-    _LOCAL_API = prepare_environment()
+    _HANDOVER = handed_over()  # in a coordinator forked by the kept one: its imports are done
+    _KEEP_COORDINATOR: str | None = None
+    if _HANDOVER is None:
+        _STARTED = time.time()  # the imports below are start-up too: seconds of it
+        from flows.kept_coordinator import hand_over
+
+        _KEEP_COORDINATOR = hand_over(_STARTED)  # exits here when a kept coordinator runs it
+        # Prefect reads its settings from the environment when imported: set them first.
+        from flows.prefect_env import prepare_environment
+
+        _LOCAL_API = prepare_environment()
+        _PREPARED_ENV = dict(os.environ)
+    else:
+        _STARTED, _LOCAL_API = _HANDOVER.started, _HANDOVER.local_api
+        _PREPARED_ENV = {}
     from flows.cli import parse_params
     from flows.prefect_env import ServerInBackground
     from flows.worker_forkserver import start_worker_forkserver
@@ -29,6 +42,10 @@ if __name__ == "__main__":
     _SERVER.__enter__()  # left in flows.cli.main, on every way out
     if _PARAMS.cluster is None and _KEPT_CLUSTER is None:  # else no worker to start here
         start_worker_forkserver()
+        if _HANDOVER is not None:  # Dask read its configuration before that: again, then
+            import dask.config
+
+            dask.config.refresh()
 
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
@@ -578,5 +595,13 @@ quiet_one_line_failures(RunFailed, InfrastructureError)
 if __name__ == "__main__":
     from flows.cli import main
 
-    sys.exit(main(local_api=_LOCAL_API, started=_STARTED, server=_SERVER,
-                  kept_cluster=_KEPT_CLUSTER))
+    _STATUS = main(local_api=_LOCAL_API, started=_STARTED, server=_SERVER,
+                   kept_cluster=_KEPT_CLUSTER)
+    if _STATUS in (0, 1):  # a run happened: the next one may skip these imports
+        from flows.kept_coordinator import describe, keep
+
+        _KEPT_PID = keep(_KEEP_COORDINATOR, _PREPARED_ENV)
+        if _KEPT_PID is not None:
+            console.print(describe(_KEPT_PID), soft_wrap=True, markup=False,
+                          highlight=False)
+    sys.exit(_STATUS)

@@ -27,6 +27,8 @@ os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
 os.environ.setdefault("REBOUND_API_IDLE", "0")
 # The same for the Dask cluster kept between runs; tests/test_kept_cluster.py sets its own.
 os.environ.setdefault("REBOUND_CLUSTER_IDLE", "0")
+# And for the coordinator kept warm between runs; tests/test_kept_coordinator.py sets its own.
+os.environ.setdefault("REBOUND_COORDINATOR_IDLE", "0")
 
 
 @pytest.fixture(scope="session")
