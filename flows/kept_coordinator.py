@@ -261,6 +261,7 @@ def stop_kept_coordinator(home: Path, timeout_s: float = 30.0) -> int | None:
     None when none runs. For benches and tests."""
     from flows.kept_api import terminate
 
+    _wait_for_start(home)  # one still importing records itself first
     record = read_record(home)
     return None if record is None else terminate(int(record["pid"]), timeout_s)
 

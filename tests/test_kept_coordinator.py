@@ -54,7 +54,6 @@ def home(tmp_path: Path) -> Iterator[Path]:
     try:
         yield folder
     finally:
-        _wait_for_start(folder)  # one still importing records itself first
         stop_kept_coordinator(folder)
         for pid in _servers_of(folder):  # those that lost the record to another key
             os.kill(pid, signal.SIGTERM)
