@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import json
 import os
 import signal
 import sys
@@ -36,11 +35,11 @@ def rescale_kept(drop: str | None, target: int, fresh: str) -> None:
 
 
 def _write_record(record: Path, address: str, key: str, idle_s: float) -> None:
-    doc = {"pid": os.getpid(), "address": address, "key": key, "idle_s": idle_s,
-           "python": sys.executable, "started_unix": time.time()}
-    tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, record)
+    from flows.kept_api import write_record
+
+    write_record(record, {"pid": os.getpid(), "address": address, "key": key,
+                          "idle_s": idle_s, "python": sys.executable,
+                          "started_unix": time.time()})
 
 
 def _stop_on_sigterm(signum: int, frame: object) -> None:

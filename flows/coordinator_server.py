@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import json
 import os
 import runpy
 import selectors
@@ -28,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from flows.kept_api import write_record
 from flows.kept_coordinator import (
     HANDED_OVER,
     Handover,
@@ -57,11 +57,8 @@ class _Request:
 
 
 def _write_record(record: Path, key: str, name: str, idle_s: float) -> None:
-    doc = {"pid": os.getpid(), "key": key, "name": name, "idle_s": idle_s,
-           "python": sys.executable, "started_unix": time.time()}
-    tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, record)
+    write_record(record, {"pid": os.getpid(), "key": key, "name": name, "idle_s": idle_s,
+                          "python": sys.executable, "started_unix": time.time()})
 
 
 def _same_user(conn: socket.socket) -> bool:

@@ -104,9 +104,7 @@ class LocalApi:
                       "key": reservation.key, "idle_s": self.idle_s,
                       "prefect": importlib.metadata.version("prefect"),
                       "python": sys.executable, "started_unix": time.time()}
-            tmp = reservation.folder / f"{RECORD}.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps(record, indent=1))
-            os.replace(tmp, reservation.folder / RECORD)
+            write_record(reservation.folder / RECORD, record)
         finally:
             os.close(reservation.lock_fd)  # other runs may look now, and find it
 
@@ -165,17 +163,27 @@ def is_live_server(record: dict, module: str, token: str) -> bool:
     return module.encode() in argv and token.encode() in argv
 
 
-def _is_our_server(record: dict) -> bool:
-    return is_live_server(record, "flows.api_server", str(int(record["port"])))
+def read_live_record(path: Path, module: str, token: Callable[[dict], str]) -> dict | None:
+    """The record at `path` of a process kept between runs, when it names a live
+    `python -m module` with token(record) among its arguments; else None."""
+    try:
+        record = json.loads(path.read_text())
+        return record if is_live_server(record, module, token(record)) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_record(path: Path, doc: dict) -> None:
+    """Write a kept process's record at `path` at once (readers see the old or the new)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
 
 
 def read_record(folder: Path) -> dict | None:
     """The kept server's record in PREFECT_HOME when it names a live server of ours."""
-    try:
-        record = json.loads((folder / RECORD).read_text())
-        return record if _is_our_server(record) else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    return read_live_record(folder / RECORD, "flows.api_server",
+                            lambda record: str(int(record["port"])))
 
 
 def _spawn(folder: Path, port: int, idle_s: float, env: dict[str, str]) -> subprocess.Popen:

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.kept_api import idle_s_from_env, is_live_server, pid_alive, stopped, terminate
+from flows.kept_api import idle_s_from_env, pid_alive, read_live_record, stopped, terminate
 
 IDLE_ENV = "REBOUND_CLUSTER_IDLE"
 DEFAULT_IDLE_S = 600.0
@@ -108,17 +108,10 @@ def code_and_environment() -> dict[str, Any]:
             "env": sorted((k, v) for k, v in os.environ.items() if k not in VOLATILE_ENV)}
 
 
-def _is_our_server(record: dict) -> bool:
-    return is_live_server(record, "flows.cluster_server", str(record["key"]))
-
-
 def read_record(home: Path) -> dict | None:
     """The kept cluster's record in REBOUND_HOME when it names a live server of ours."""
-    try:
-        record = json.loads((home / RECORD).read_text())
-        return record if _is_our_server(record) else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    return read_live_record(home / RECORD, "flows.cluster_server",
+                            lambda record: str(record["key"]))
 
 
 @dataclass

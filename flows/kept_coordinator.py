@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows.kept_api import BadIdleSetting, idle_s_from_env, is_live_server
+from flows.kept_api import BadIdleSetting, idle_s_from_env, read_live_record
 from flows.kept_cluster import code_and_environment
 
 IDLE_ENV = "REBOUND_COORDINATOR_IDLE"
@@ -99,17 +99,10 @@ def _home() -> Path:
     return Path(os.environ.get("REBOUND_HOME", ".rebound")).resolve()
 
 
-def _is_our_server(record: dict) -> bool:
-    return is_live_server(record, "flows.coordinator_server", str(record["name"]))
-
-
 def read_record(home: Path) -> dict | None:
     """The kept coordinator's record in REBOUND_HOME when it names a live server of ours."""
-    try:
-        record = json.loads((home / RECORD).read_text())
-        return record if _is_our_server(record) else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    return read_live_record(home / RECORD, "flows.coordinator_server",
+                            lambda record: str(record["name"]))
 
 
 def _usable() -> float:
@@ -118,6 +111,10 @@ def _usable() -> float:
         return 0.0  # abstract sockets, pidfds and fork are what it stands on
     try:
         idle = idle_s()
+    except BadIdleSetting as err:  # bad usage: exit 2, one line, nothing started
+        sys.stderr.write(f"error: {err}\n")
+        raise SystemExit(2) from None
+    try:
         api_idle = idle_s_from_env()
     except BadIdleSetting:
         return 0.0  # the run itself says so in one line

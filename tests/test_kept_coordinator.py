@@ -81,10 +81,10 @@ def _handed_over(home: Path) -> dict[int, int]:
     return {int(m[1]): int(m[2]) for m in re.finditer(r"command (\d+): coordinator (\d+)", text)}
 
 
-def _start_server(home: Path) -> int:
+def _start_server(home: Path, **extra: str) -> int:
     """Start the kept coordinator as a run's end does, for the environment of _env(home)."""
-    done = subprocess.run([sys.executable, "-c", START_SERVER], cwd=ROOT, env=_env(home),
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", START_SERVER], cwd=ROOT,
+                          env=_env(home, **extra), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]
     pid = json.loads(done.stdout)["pid"]
     assert pid is not None
@@ -175,3 +175,21 @@ def test_the_handed_over_coordinator_dies_with_its_command_and_hears_its_signals
     done, pid = _run(cli_args(tmp_path / "store2", corpus, "kc2"), _env(home))
     assert done.returncode == 0, done.stderr[-3000:]
     assert pid in _handed_over(home)
+
+
+def test_a_bad_idle_setting_is_one_line_and_starts_nothing(home: Path, tmp_path: Path,
+                                                           prefect_api: str) -> None:
+    done, _ = _run(["--store", str(tmp_path / "store")],
+                   _env(home, REBOUND_COORDINATOR_IDLE="later"))
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "error: REBOUND_COORDINATOR_IDLE='later' is not a duration such as 10m, 90s or 0 "
+        "(0: nothing kept between runs)"]
+    assert not (tmp_path / "store").exists() and not home.exists()
+
+
+def test_the_server_leaves_once_idle_and_takes_its_record_along(home: Path,
+                                                                prefect_api: str) -> None:
+    server = _start_server(home, REBOUND_COORDINATOR_IDLE="2s")
+    assert _await_exit(server, 60)  # imports (~3 s), then 2 s without a run
+    assert not (home / RECORD).exists()
