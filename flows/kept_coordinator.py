@@ -82,8 +82,14 @@ def idle_s() -> float:
 def coordinator_key() -> str:
     """What a kept coordinator was started with that a run relies on (the command's environment
     before Rebound prepares it)."""
-    payload = code_and_environment()
+    payload = {**code_and_environment(), "flags": _interpreter_flags(), "path": sys.path}
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:32]
+
+
+def _interpreter_flags() -> list[str]:
+    """The command line options the command's interpreter runs under (-O, -W, -X...): the
+    server is started with the same, and a run under others is not handed over."""
+    return subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
 
 
 def environment_digest(env: dict[str, str]) -> str:
@@ -236,7 +242,8 @@ def _spawn(home: Path, key: str, idle: float, environment: dict[str, str],
     log = open(home / LOG, "ab")  # noqa: SIM115 - the child holds it; ours closes below
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "flows.coordinator_server", "--key", key,
+            [sys.executable, *_interpreter_flags(), "-m", "flows.coordinator_server",
+             "--key", key,
              "--name", f"rebound-coordinator-{secrets.token_hex(16)}", "--idle-s", str(idle),
              "--record", str(home / RECORD), "--lock-fd", str(lock_fd)],
             env=environment, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

@@ -37,16 +37,6 @@ from tests.test_kept_api import _await_exit
 
 pytestmark = pytest.mark.slow
 
-START_SERVER = """
-import json, os
-from flows.kept_coordinator import coordinator_key, keep
-from flows.prefect_env import prepare_environment
-key = coordinator_key()
-prepare_environment()
-print(json.dumps({"pid": keep(key, dict(os.environ))}))
-"""
-
-
 @pytest.fixture
 def home(tmp_path: Path) -> Iterator[Path]:
     """A REBOUND_HOME whose kept coordinators are all stopped at the end, by PID."""
@@ -83,7 +73,7 @@ def _handed_over(home: Path) -> dict[int, int]:
 
 def _start_server(home: Path, **extra: str) -> int:
     """Start the kept coordinator as a run's end does, for the environment of _env(home)."""
-    done = subprocess.run([sys.executable, "-c", START_SERVER], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "tests.kept_coordinator_starter"], cwd=ROOT,
                           env=_env(home, **extra), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]
     pid = json.loads(done.stdout)["pid"]
