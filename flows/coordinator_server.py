@@ -30,7 +30,9 @@ from pathlib import Path
 from flows.kept_api import write_record
 from flows.kept_coordinator import (
     HANDED_OVER,
+    HANDOVER_TIMEOUT_S,
     Handover,
+    _read,
     _receive,
     _send,
     environment_digest,
@@ -186,6 +188,13 @@ def become(request: _Request, base_digest: str) -> None:
     sys.argv = [str(Path(doc["cwd"]) / "flows" / "train.py"), *doc["argv"]]
     HANDED_OVER.append(Handover(started=float(doc["started"]), local_api=local_api))
     _send(request.conn, {"ready": os.getpid()})
+    request.conn.settimeout(HANDOVER_TIMEOUT_S)
+    try:
+        go = _read(request.conn.makefile("rb"))
+    except OSError:
+        go = None
+    if not go or not go.get("go"):
+        os._exit(0)  # the command gave up on this server and runs by itself
     request.conn.close()
     runpy.run_module("flows.train", run_name="__main__", alter_sys=True)
 

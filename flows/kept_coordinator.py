@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows.kept_api import BadIdleSetting, idle_s_from_env, read_live_record
+from flows.kept_api import BadIdleSetting, idle_s_from_env, read_live_record, stopped
 from flows.kept_cluster import code_and_environment
 
 IDLE_ENV = "REBOUND_COORDINATOR_IDLE"
@@ -52,6 +52,9 @@ DEFAULT_IDLE_S = 600.0
 RECORD, START_LOCK, LOG = "coordinator.json", "coordinator.lock", "coordinator.log"
 START_WAIT_S = 30.0
 """How long a command waits for a server that is still importing before it runs by itself."""
+HANDOVER_TIMEOUT_S = 30.0
+"""How long a command waits for the server to take its run (the forked coordinator prepares
+its environment first) before it runs by itself."""
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 """What the command passes on to its coordinator (Ctrl-C, a scheduler's stop)."""
 
@@ -158,22 +161,43 @@ def hand_over(started: float) -> str | None:
     key = coordinator_key()
     _wait_for_start(home)
     record = read_record(home)
+    if record is not None and stopped(int(record["pid"])):
+        _put_down(int(record["pid"]))  # it would serve nobody; this run keeps a new one
+        return key
     if record is None or record.get("key") != key:
         return key
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.settimeout(HANDOVER_TIMEOUT_S)
         conn.connect("\0" + str(record["name"]))
         _send(conn, {"argv": sys.argv[1:], "env": dict(os.environ), "cwd": os.getcwd(),
                      "started": started, "pid": os.getpid()}, fds=[0, 1, 2])
         reader = conn.makefile("rb")
         answer = _read(reader)
-    except OSError:
-        return key
-    if answer is None or "ready" not in answer:
+        if answer is None or "ready" not in answer:
+            conn.close()
+            return key
+        # Only now may the coordinator run: one that answered after this command gave up
+        # reads the end of the stream instead, and exits without touching anything.
+        _send(conn, {"go": True})
+        conn.settimeout(None)
+    except OSError:  # TimeoutError included: a server that answers nothing
         conn.close()
         return key
     _wait_for_coordinator(reader, int(answer["ready"]))
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _put_down(pid: int) -> None:
+    """SIGKILL a kept coordinator stopped by a signal, by its PID, and wait for it to go (the
+    runs it forked are the commands' own, and go on)."""
+    with contextlib.suppress(ProcessLookupError):
+        pidfd = os.pidfd_open(pid)
+        os.kill(pid, signal.SIGKILL)
+        with selectors.DefaultSelector() as sel:
+            sel.register(pidfd, selectors.EVENT_READ)
+            sel.select(HANDOVER_TIMEOUT_S)
+        os.close(pidfd)
 
 
 def _wait_for_coordinator(reader: Any, pid: int) -> None:

@@ -183,3 +183,20 @@ def test_the_server_leaves_once_idle_and_takes_its_record_along(home: Path,
     server = _start_server(home, REBOUND_COORDINATOR_IDLE="2s")
     assert _await_exit(server, 60)  # imports (~3 s), then 2 s without a run
     assert not (home / RECORD).exists()
+
+
+def test_a_stopped_server_is_put_down_and_the_run_goes_on_by_itself(
+        home: Path, tmp_path: Path, corpus: Path, prefect_api: str) -> None:
+    server = _start_server(home)
+    _wait_for_start(home)
+    os.kill(server, signal.SIGSTOP)  # alive, and answering nobody
+    try:
+        done, pid = _run(cli_args(tmp_path / "store", corpus, "kc"), _env(home))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGCONT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert pid not in _handed_over(home)
+    assert _await_exit(server, 10)  # put down by the command, by its PID
+    _wait_for_start(home)
+    assert int(read_record(home)["pid"]) != server  # the run kept a new one
