@@ -29,6 +29,7 @@ from tests.cli_helpers import (
     ROOT,
     cli_args,
     kill_group,
+    our_processes_since,
     pids_now,
     read_summary,
     start_cli,
@@ -142,6 +143,7 @@ def _until_line(proc: subprocess.Popen, needle: str) -> list[str]:
 def test_the_handed_over_coordinator_dies_with_its_command_and_hears_its_signals(
         home: Path, tmp_path: Path, corpus: Path, prefect_api: str, how: str) -> None:
     server = _start_server(home)
+    before = pids_now()
     args = cli_args(tmp_path / "store", corpus, "kc", "--steps", "400", "--group-steps", "100")
     proc = start_cli(args, env=_env(home))
     try:
@@ -161,6 +163,9 @@ def test_the_handed_over_coordinator_dies_with_its_command_and_hears_its_signals
     finally:
         if proc.poll() is None:
             kill_group(proc)
+    # Nothing of the run outlives it: its cluster's processes went with its coordinator.
+    for pid in our_processes_since(before):
+        assert _await_exit(int(pid), 30), Path(f"/proc/{pid}/cmdline").read_bytes()
     assert pid_alive(server)  # and serves the next run
     done, pid = _run(cli_args(tmp_path / "store2", corpus, "kc2"), _env(home))
     assert done.returncode == 0, done.stderr[-3000:]
