@@ -24,6 +24,8 @@ from prefect.context import SettingsContext
 from prefect_dask import DaskTaskRunner
 from prefect_dask.task_runners import PrefectDaskFuture
 
+import tasks.engine_cache  # noqa: F401  (the coordinator's API clients share TLS contexts too)
+
 _serialize_settings = SettingsContext.serialize
 _serialized: dict[tuple[int, bool], tuple[Any, Any, dict[str, Any]]] = {}
 _serialized_lock = threading.Lock()

@@ -59,6 +59,7 @@ from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from rich.console import Console  # noqa: E402
 
+import flows.flow_heartbeats  # noqa: E402,F401  (flow runs end when their work does)
 from flows.cluster import (  # noqa: E402
     CLUSTER_LISTENERS,
     cluster_gone,

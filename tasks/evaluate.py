@@ -7,6 +7,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
+import tasks.engine_cache  # noqa: F401  (Prefect engine costs paid once per worker)
 from storage import CheckpointRef, CorruptCheckpointError, open_store
 from tasks.jobs import RunSpec
 from tasks.train_batch_group import is_retryable

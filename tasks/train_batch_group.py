@@ -9,6 +9,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
+import tasks.engine_cache  # noqa: F401  (Prefect engine costs paid once per worker)
 from storage import FatalStoreError
 from tasks.health import WorkerUnhealthy
 from tasks.jobs import GroupJob

@@ -11,6 +11,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
+import tasks.engine_cache  # noqa: F401  (Prefect engine costs paid once per worker)
 from tasks.rank_jobs import PeerLost, RankJob
 from tasks.train_batch_group import quiet_one_line_failures
 
