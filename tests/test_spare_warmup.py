@@ -41,3 +41,28 @@ def test_an_idle_worker_is_warmed_and_its_trainer_taken_once(tmp_path: Path,
         got = client.submit(_spare_on_this_worker, run.run_id, run.config_hash,
                             workers=[worker], pure=False).result(timeout=60)
         assert got == {"pid": warmed["pid"], "built": True, "again": False, "step": 0}
+
+
+def _unreachable(x: int) -> int:
+    return x
+
+
+def test_a_warm_up_pending_when_the_cluster_is_lost_does_not_fail_the_run(
+        tmp_path: Path, corpus: Path) -> None:
+    """A run that loses its cluster closes that cluster's client (ClusterWatch.abandon) before
+    the warmer stops; a warm-up still pending then must not raise "IOLoop is closed" out of
+    the run's clean-up (it failed a run that would have healed on a cluster of its own)."""
+    params = TrainParams(model="tiny", steps=10, data=str(corpus), store=str(tmp_path / "store"),
+                         run_id="warm")
+    run = build_plan(params).run
+    with local_cluster(1, tmp_path / "dask", use_gpu=False) as cluster, \
+            cluster.get_client() as client:
+        warmer = SpareWarmer(client, run).__enter__()
+        # Pending for good: bound to a worker that does not exist.
+        pending = client.submit(_unreachable, 1, workers=["tcp://127.0.0.1:9"],
+                                allow_other_workers=False, pure=False)
+        warmer._futures["tcp://127.0.0.1:9"] = pending
+        assert pending.status == "pending"
+        client.close(timeout=2)
+        warmer.__exit__(None, None, None)
+        assert not warmer._thread.is_alive()
