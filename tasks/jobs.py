@@ -50,10 +50,9 @@ class GroupJob:
     first_step: int
     """Step the group starts from (the previous group's last step)."""
     last_step: int
-    """Step at which the group ends (with a checkpoint unless save_end is False)."""
+    """Step at which the group ends with a checkpoint."""
     ckpt_every: int
-    """Checkpoint at every multiple of this step inside the group (plus the group's end, see
-    save_end)."""
+    """Checkpoint at every multiple of this step inside the group (plus the group's end)."""
     protect_steps: tuple[int, ...] = ()
     """Checkpoints retention must keep (epoch ends)."""
     deadline_unix: float | None = None
