@@ -40,6 +40,8 @@ Rows (one per contender, median (min-max) over --rounds):
   ckpt_every    the checkpoint interval each used (Rebound: the one --ckpt-every auto chose)
   eval_s        seconds spent evaluating (both evaluate at the same steps; part of wall_s,
                 never of productive_s)
+--json's "runs" also carry Rebound's wall_breakdown (start-up, evaluation, checkpoint stall,
+recovery, lost steps and orchestration, from its summary) and the interval --ckpt-every auto chose.
 Ratios: rebound_vs_torchrun_ettr = Rebound's ettr / torchrun's (aim >= 1.0), and
 torchrun_vs_rebound_wall = torchrun's wall_s / Rebound's (the same steps: > 1 means Rebound
 finished first; a step slowed by background work counts as productive in ETTR, not here). The
@@ -252,6 +254,8 @@ def run_rebound(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "kills_s": [round(t - started, 2) for t, _ in killer.kills],
         "state_hash": s.get("state_hash"), "status": s.get("status"),
         "eval_s": (s.get("wall_breakdown") or {}).get("eval_s"),
+        # Where Rebound's own clock put its wall time (it starts after the bench's does).
+        "wall_breakdown": s.get("wall_breakdown"), "ckpt_auto": s.get("ckpt_auto"),
     }
 
 

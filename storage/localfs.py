@@ -61,6 +61,16 @@ def _start_writeback(fd: int) -> None:
         fn(fd, ctypes.c_longlong(0), ctypes.c_longlong(0), _SYNC_FILE_RANGE_WRITE)
 
 
+# Files at least this large leave the page cache once durable (see LocalStaging._release_pages).
+_RELEASE_MIN_BYTES = 64 * 1024
+
+
+def _drop_cached(fd: int) -> None:
+    """Hand a durable file's (clean) pages back to the kernel. A hint only."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -109,6 +119,7 @@ class LocalStaging:
         else:
             fcntl.flock(self._dir_fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         self._dirs: set[str] = {path}
+        self._written: list[str] = []  # large files whose pages go once they are durable
         self._lock = threading.Lock()  # several I/O threads write into one staging
 
     def _lock_alone(self, timeout: timedelta = timedelta(seconds=60)) -> None:
@@ -142,11 +153,16 @@ class LocalStaging:
                     d = os.path.dirname(d)
         return full
 
-    def _finish_file(self, fd: int) -> None:
+    def _finish_file(self, fd: int, full: str, size: int) -> None:
         if self._durability == "fsync":
             os.fsync(fd)
+            if size >= _RELEASE_MIN_BYTES:
+                _drop_cached(fd)
         elif self._durability == "syncfs":
             _start_writeback(fd)
+            if size >= _RELEASE_MIN_BYTES:
+                with self._lock:
+                    self._written.append(full)
 
     def _create(self, full: str) -> int:
         if self._shared:
@@ -164,7 +180,7 @@ class LocalStaging:
         fd = self._create(full)
         try:
             n = write_blocks(lambda b: _write_all(fd, b), data, pad, hashers, data_hashers)
-            self._finish_file(fd)
+            self._finish_file(fd, full, n)
         finally:
             os.close(fd)
         return n
@@ -187,9 +203,31 @@ class LocalStaging:
         if self._durability == "syncfs":
             if not _syncfs(self._dir_fd):
                 _fsync_tree(self.path)  # kernel without syncfs: the slow, equally durable way
+            self._release_pages()
         elif self._durability == "fsync":
             for d in sorted(self._dirs, key=len, reverse=True):
                 _fsync_dir(d)
+
+    def _release_pages(self) -> None:
+        """Drop the now clean pages of the chunks this writer wrote.
+
+        A checkpoint is read again only after a failure, and then mostly from a peer's memory.
+        Kept in the page cache, each save's bytes would land in memory no file used before,
+        which the kernel has to find (and, in a VM, the host to back) first: measured here
+        0.34 GB/s into fresh pages against 4 GB/s into pages a dropped checkpoint handed back,
+        so a 37 MiB save spent 0.11 s of CPU where 0.01 s does.
+        """
+        with self._lock:
+            written, self._written = self._written, []
+        for full in written:
+            try:
+                fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                _drop_cached(fd)
+            finally:
+                os.close(fd)
 
     def commit(
         self, final: str, marker_name: str, marker: bytes, files: Sequence[str] | None = None,
