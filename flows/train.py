@@ -179,6 +179,7 @@ def train_epoch(plan: RunPlan, params: TrainParams, groups: list[Group], start_r
     dog = params.watchdog
     last_worker: str | None = None
     protect = tuple(sorted({g.last_step for g in plan.groups if g.epoch_end}))
+    interval_set = plan.ckpt_auto or params.ckpt_every is not None
     task = train_batch_group.with_options(retries=params.retries)
 
     def on_infra(kind: str, reason: str) -> None:
@@ -194,8 +195,13 @@ def train_epoch(plan: RunPlan, params: TrainParams, groups: list[Group], start_r
         # next group then starts at a measured interval instead of one per group.
         commit_end = (not plan.run.async_save or group.epoch_end or group.last_step >= plan.stop_at
                       or (plan.ckpt_auto and tally.ckpt_auto is None))
+        # With an interval set, a group's end is a checkpoint only where one is needed: one
+        # worker goes on from its memory, so an end off the interval would be a save (and a wait
+        # before the next group) that protects nothing the interval does not. A time budget
+        # may stop the run between two groups: then the last one's end must be there.
+        save_end = commit_end or ranks is not None or not interval_set or deadline_unix is not None
         job = GroupJob(plan.run, group.first_step, group.last_step, plan.ckpt_every,
-                       protect, deadline_unix, commit_end)
+                       protect, deadline_unix, commit_end, save_end)
         if ranks is not None:
             result = _run_ranked(ranks, job, use_gpu, tally)
         else:

@@ -176,6 +176,7 @@ class GroupSaves(BackgroundCommits):
                            just_committed=ref)
             if group_end:
                 warm.at_ref = ref  # read only after settle_previous() has waited for this
+            warm.lineage = ref  # saves commit in order: the newest of the memory's history
             self._done.append((ref, stats))
             return ref
 

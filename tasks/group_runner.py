@@ -70,11 +70,16 @@ def _restore_start(store: CheckpointStore, job: GroupJob, result: GroupResult,
     key = (run.run_id, run.config_hash)
     warm = take_warm(key)
     committed = [s for s in store.steps(run.run_id) if s <= job.last_step]
+    if _goes_on_from_memory(store, warm, job, committed):
+        result.warm = True
+        result.resumed_from_step = job.first_step
+        return warm
     for step in sorted(committed, reverse=True):
         if warm is not None and warm.at_ref is not None and warm.at_ref.step == step:
             if store.ref(run.run_id, step) == warm.at_ref:
                 result.warm = True
                 result.resumed_from_step = step
+                warm.lineage = warm.at_ref
                 return warm
         t0 = time.perf_counter()
         try:
@@ -92,12 +97,27 @@ def _restore_start(store: CheckpointStore, job: GroupJob, result: GroupResult,
         trainer.restore(ckpt.tensors, ckpt.metadata)
         result.load_s += time.perf_counter() - t0
         result.resumed_from_step = step
-        return WarmTrainer(key, trainer, ckpt.ref, float(ckpt.metadata.get("productive_s", 0.0)))
+        return WarmTrainer(key, trainer, ckpt.ref, float(ckpt.metadata.get("productive_s", 0.0)),
+                           lineage=ckpt.ref)
     # Nothing verified (a new run, or every checkpoint corrupt: result.corrupt says so): start over.
     trainer = warm.trainer if warm is not None else build_trainer(run)
     trainer.init_fresh()
     result.resumed_from_step = None
     return WarmTrainer(key, trainer, None)
+
+
+def _goes_on_from_memory(store: CheckpointStore, warm: WarmTrainer | None, job: GroupJob,
+                         committed: list[int]) -> bool:
+    """Whether the warm memory is this group's start although no checkpoint is: the previous
+    group on this worker ended there without one (GroupJob.save_end), and the newest committed
+    checkpoint is still the newest of that memory's own history (nothing else committed since,
+    and the bytes it named are the ones there)."""
+    if warm is None or warm.at_ref is not None or warm.lineage is None:
+        return False
+    if warm.trainer.step != job.first_step or not committed:
+        return False
+    newest = max(committed)
+    return newest == warm.lineage.step and store.ref(job.run.run_id, newest) == warm.lineage
 
 
 def _fire(event: chaos.ChaosEvent, store: CheckpointStore, run_id: str) -> bool:
@@ -161,7 +181,7 @@ def _save(store: CheckpointStore, warm: WarmTrainer, result: GroupResult, run: R
     result.ckpt_s += time.perf_counter() - t0
     if stats is None or stats.outcome == "committed":
         result.checkpoints.append(ref.step)  # not a step found already committed
-    warm.at_ref = ref
+    warm.at_ref = warm.lineage = ref
     return ref
 
 
@@ -230,7 +250,8 @@ def run_group(job: GroupJob) -> GroupResult:
             attempt["checkpoints"].append(done.step)
             attempt.setdefault("background_checkpoints", []).append(done.step)
             _record_attempt(store, job, attempt_name, attempt)
-        _corrupt_after_commit(plan, store, job, done)  # the rot is for a later load to find
+        if _corrupt_after_commit(plan, store, job, done):
+            warm.lineage = None  # the rot is for a later load to find: the next group loads
 
     saves = GroupSaves(store, job, result, committed_in_background) if run.async_save else None
     drag = StepDrag()
@@ -255,7 +276,8 @@ def run_group(job: GroupJob) -> GroupResult:
                 # When this attempt first completed a step: the end of a recovery.
                 attempt["first_step_unix"] = time.time()
                 _record_attempt(store, job, attempt_name, attempt)
-            at_boundary = trainer.step % job.ckpt_every == 0 or trainer.step == job.last_step
+            at_boundary = trainer.step % job.ckpt_every == 0 or (
+                trainer.step == job.last_step and job.save_end)
             past_deadline = job.deadline_unix is not None and time.time() >= job.deadline_unix
             save_s = 0.0
             if saves is not None:
@@ -281,7 +303,7 @@ def run_group(job: GroupJob) -> GroupResult:
                 if _corrupt_after_commit(plan, store, job, ref):
                     # Bit rot is found by the next load: make sure one happens (the memory
                     # itself is fine: it stays this task's to train on).
-                    warm.at_ref = None
+                    warm.at_ref = warm.lineage = None
             progress.emit(run.run_id, step=trainer.step, loss=step_result.loss,
                           tokens=step_result.tokens, seconds=step_result.seconds,
                           save_s=save_s, attempt=attempt_name,
@@ -303,17 +325,21 @@ def run_group(job: GroupJob) -> GroupResult:
         saves.wait()
     elif saves is not None:
         saves.record()
-    if ref is None and not pending_end:
+    if ref is None and not pending_end and job.save_end:
         # The group trained nothing new (its start already was its end): commit the start.
         ref = _save(store, warm, result, run, {"productive_s": productive_s})
         attempt["checkpoints"] += [ref.step] if ref.step in result.checkpoints else []
+    ends_bare = not pending_end and (ref is None or ref.step != trainer.step)
+    if ends_bare:
+        warm.at_ref = None  # the memory went on past every checkpoint: its lineage says whence
     warm.productive_s = productive_s
     put_warm(warm)
     attempt.update(ended_unix=time.time(), bytes_reused=result.bytes_reused,
                    save_retries=len(result.save_retries))
     _record_attempt(store, job, attempt_name, attempt)
-    if pending_end:
-        # The end checkpoint is still being written: hand back the newest one committed.
+    if pending_end or ends_bare:
+        # The end checkpoint is still being written, or there is none (GroupJob.save_end):
+        # hand back the newest one committed.
         result.ref, result.step = (ref.to_dict() if ref is not None else {}), trainer.step
     else:
         result.ref, result.step = ref.to_dict(), ref.step

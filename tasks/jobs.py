@@ -60,6 +60,10 @@ class GroupJob:
     commit_end: bool = True
     """With --async-save, False lets the group return while its end checkpoint is still being
     written (the flow needs it only at an epoch's end and at the run's last group)."""
+    save_end: bool = True
+    """False: the group's end is no checkpoint of its own unless it falls on the interval (one
+    worker, background saves, an interval set): the next group on this worker goes on from
+    memory, and a failure resumes from the newest interval checkpoint as it would mid-group."""
 
 
 @dataclass

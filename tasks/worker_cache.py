@@ -37,6 +37,10 @@ class WarmTrainer:
     """The committed checkpoint whose state equals the trainer's memory; None = unknown."""
     productive_s: float = 0.0
     """Training seconds of every step in this state's lineage (carried in checkpoint metadata)."""
+    lineage: CheckpointRef | None = None
+    """The newest committed checkpoint of this memory's own history: the memory is that state
+    trained on from there by this worker, with no failure in between (at_ref is None once the
+    memory has moved past it). None when unknown or when the memory must be checked by a load."""
     generation: int = field(default_factory=current_generation)
     """The cache generation this trainer was made or taken in; stale after a drop."""
 

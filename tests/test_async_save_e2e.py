@@ -129,3 +129,34 @@ def test_incremental_background_saves_end_in_the_same_state(reference: dict[str,
     assert s["state_hash"] == reference["state_hash"]
     assert committed_steps(tmp_path / "store", "inc") == list(range(5, STEPS + 1, 5))
     assert verify_store(tmp_path / "store", "inc").returncode == 0
+
+
+def test_a_groups_end_off_the_interval_is_no_checkpoint_and_the_next_group_goes_on_from_memory(
+        reference: dict[str, Any], tmp_path: Path, corpus: Path) -> None:
+    # Groups end every 10 steps and epochs every 20; checkpoints every 4. The ends at 10 and 30
+    # are off the interval and end no epoch: no save there, and the group after each starts
+    # from the worker's memory, which is bit for bit what a checkpoint there would have held.
+    done, s = _run(tmp_path / "store", corpus, "bare-ends", "--ckpt-every", "4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert s["status"] == "completed" and s["state_hash"] == reference["state_hash"]
+    assert committed_steps(tmp_path / "store", "bare-ends") == [4, 8, 12, 16, 20, 24, 28, 32, 36, 40]
+    attempts = sorted((doc for _, doc in open_store(str(tmp_path / "store")).list_json(
+        "bare-ends", "attempts")), key=lambda a: a["first_step"])
+    after_bare_end = [a for a in attempts if a["first_step"] in (10, 30)]
+    assert [(a["resumed_from_step"], a["warm"]) for a in after_bare_end] == [(10, True), (30, True)]
+    assert verify_store(tmp_path / "store", "bare-ends").returncode == 0
+
+
+def test_a_worker_killed_after_a_bare_group_end_resumes_from_the_interval_checkpoint(
+        reference: dict[str, Any], tmp_path: Path, corpus: Path) -> None:
+    # The group (10, 20] starts from memory (no checkpoint at 10); its worker dies before step
+    # 15. The retry, on another worker, has no memory of its own: it loads the newest interval
+    # checkpoint (8 or 12, whichever had committed) and trains to the same bits.
+    done, s = _run(tmp_path / "store", corpus, "bare-kill", "--ckpt-every", "4",
+                   "--chaos", "kill-worker@15")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert s["status"] == "completed" and s["state_hash"] == reference["state_hash"]
+    [failure] = s["failures"]
+    assert failure["kind"] in ("kill-worker", "worker-lost") and failure["step"] in (14, 15)
+    assert failure["restored_from"] == "checkpoint" and 2 <= failure["lost_steps"] <= 7
+    assert verify_store(tmp_path / "store", "bare-kill").returncode == 0
