@@ -50,9 +50,10 @@ class GroupJob:
     first_step: int
     """Step the group starts from (the previous group's last step)."""
     last_step: int
-    """Step at which the group ends with a checkpoint."""
+    """Step at which the group ends (with a checkpoint unless save_end is False)."""
     ckpt_every: int
-    """Checkpoint at every multiple of this step inside the group (plus the group's end)."""
+    """Checkpoint at every multiple of this step inside the group (plus the group's end, see
+    save_end)."""
     protect_steps: tuple[int, ...] = ()
     """Checkpoints retention must keep (epoch ends)."""
     deadline_unix: float | None = None
