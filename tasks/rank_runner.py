@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -277,12 +278,16 @@ def _lost_save(g: GroupJob, step: int, newest_committed: int) -> bool:
     return g.first_step < due < step and newest_committed < due
 
 
-def _fire(job: RankJob, store: CheckpointStore, kind: str, step: int) -> bool:
-    """True the first time this run reaches the event (recorded, so a rerun does not refire)."""
+def _record_name(job: RankJob, kind: str, step: int) -> str:
     record = ChaosEvent(kind, step, job.rank, job.replica).record_name
     if job.rank == 0 and job.replica == 0:
         record = record.replace("chaos/", "chaos-ranks/", 1) + "-0.0"
-    return store.create_json_exclusive(job.group.run.run_id, record, {
+    return record
+
+
+def _fire(job: RankJob, store: CheckpointStore, kind: str, step: int) -> bool:
+    """True the first time this run reaches the event (recorded, so a rerun does not refire)."""
+    return store.create_json_exclusive(job.group.run.run_id, _record_name(job, kind, step), {
         "fired_unix": time.time(), "pid": os.getpid(), "worker": progress.worker_name(),
         "rank": job.rank})
 
@@ -293,12 +298,19 @@ def _perturb_one_ulp(trainer: Trainer) -> None:
 
     with torch.no_grad():
         weight = max(trainer.model.parameters(), key=lambda p: p.numel()).view(-1)
-        weight[0] = torch.nextafter(weight[0], weight[0] + 1)
+        # The largest weight in magnitude: an optimizer step moves it by far less than itself,
+        # so the ulp survives the rounding of the next updates. A small one's ulp is below the
+        # spacing of its updated value, and the next step may round both copies alike: the
+        # ranks would agree again and the corruption would be no test of the vote.
+        at = int(weight.abs().argmax())
+        weight[at] = torch.nextafter(weight[at], weight[at] + weight[at].sign())
 
 
 def _chaos_before_step(job: RankJob, store: CheckpointStore, step: int,
                        trainer: Trainer) -> None:
     for kind, at in job.chaos_rank_events:
+        if kind == "kill-before-commit" and step == at + 3:
+            _await_kill_before_commit(job, store, at)
         if at != step or kind not in ("raise", "kill-worker", "hang", "perturb-replica") \
                 or not _fire(job, store, kind, at):
             continue
@@ -380,6 +392,21 @@ def _checkpoint(store: CheckpointStore, job: RankJob, group: RankGroup, warm: Wa
             return ref
 
 
+_KILL_BEFORE_COMMIT_ARMED = threading.Event()
+"""Set by the committing thread once it holds a kill-before-commit (this process is to die)."""
+
+
+def _await_kill_before_commit(job: RankJob, store: CheckpointStore, at: int) -> None:
+    """The training thread, done with step at+2, stops until the committing thread kills the
+    process: without this a loaded machine lets training run on to the group's end before
+    the kill, and the survivors' memory would be at a checkpoint step, not ahead of one."""
+    if not _KILL_BEFORE_COMMIT_ARMED.is_set() and store.read_json(
+            job.group.run.run_id, _record_name(job, "kill-before-commit", at)) is not None:
+        return  # fired in an earlier process: this is the attempt after the kill
+    if _KILL_BEFORE_COMMIT_ARMED.wait(30.0):
+        time.sleep(30.0)  # the committing thread sees step at+2 and kills; a bound, not a wait
+
+
 def _kill_before_commit(job: RankJob, store: CheckpointStore, step: int,
                         trainer_step: Callable[[], int]) -> None:
     """kill-before-commit@STEP: the rank about to commit STEP's background checkpoint (every
@@ -387,6 +414,7 @@ def _kill_before_commit(job: RankJob, store: CheckpointStore, step: int,
     survivors' memory is ahead of a checkpoint that never became visible."""
     for kind, at in job.chaos_rank_events:
         if kind == "kill-before-commit" and at == step and _fire(job, store, kind, at):
+            _KILL_BEFORE_COMMIT_ARMED.set()
             deadline = time.monotonic() + 30.0  # the group's end waits for this save
             while trainer_step() < step + 2 and time.monotonic() < deadline:
                 time.sleep(0.005)  # polling: the training thread's step counter
