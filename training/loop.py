@@ -232,7 +232,8 @@ class Trainer:
         try:
             total = 0.0
             for x, y in self._eval_batches[n]:
-                with autocast(self.device):
+                # No autograd graph: the same forward, without its bookkeeping and memory.
+                with torch.inference_mode(), autocast(self.device):
                     _, loss = self.model(x.to(self.device), y.to(self.device))
                 total += loss.item()
         finally:
