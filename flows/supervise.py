@@ -121,6 +121,21 @@ class ClusterWatch:
         """time.monotonic() of the first look in a row that went unanswered."""
         self.client.subscribe_topic(PROGRESS_TOPIC, self._on_progress)
         self.client.subscribe_topic("all", self._on_cluster_event)
+        self._await_subscribed((PROGRESS_TOPIC, "all"))
+
+    def _await_subscribed(self, topics: tuple[str, ...]) -> None:
+        """Return once the scheduler has the subscriptions (sent without an answer): a worker
+        removed before then would never be heard of, and the provisioner, which takes the
+        workers alive from the scheduler next, would count it alive for the rest of the run."""
+        deadline = time.monotonic() + LOOK_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                if self.client.run_on_scheduler(_subscribed, topics=topics,
+                                                client_id=self.client.id):
+                    return
+            except Exception:  # noqa: BLE001 - the first look of the run says what is wrong
+                return
+            time.sleep(0.01)  # polling: the scheduler handles the subscription on its own loop
 
     def _on_progress(self, event: tuple[float, dict[str, Any]]) -> None:
         _, msg = event
@@ -353,6 +368,14 @@ def _task_state(key: str, dask_scheduler: Any = None) -> str | None:
     """Runs on the scheduler."""
     ts = dask_scheduler.tasks.get(key)
     return None if ts is None else str(ts.state)
+
+
+def _subscribed(topics: tuple[str, ...], client_id: str, dask_scheduler: Any = None) -> bool:
+    """Runs on the scheduler: whether client_id receives every one of topics' events."""
+    broker = getattr(dask_scheduler, "_broker", None)
+    if broker is None or not hasattr(broker, "_topics"):
+        return True  # another Dask: nothing to check against
+    return all(client_id in broker._topics[topic].subscribers for topic in topics)
 
 
 def _close_worker(worker: str, dask_scheduler: Any = None) -> None:
