@@ -173,6 +173,26 @@ def read_live_record(path: Path, module: str, token: Callable[[dict], str]) -> d
         return None
 
 
+def stale_record_note(path: Path, module: str) -> str | None:
+    """Why the record at `path` names no live server, when there is a record at all (a
+    server SIGKILLed, or its PID since given to another process); None when there is none."""
+    try:
+        record = json.loads(path.read_text())
+        pid = int(record["pid"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{path} is unreadable ({type(err).__name__})"
+    if not pid_alive(pid):
+        return f"{path} names pid {pid}, which has exited"
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError as err:
+        return f"{path} names pid {pid}, whose command line is unreadable ({err.strerror})"
+    shown = b" ".join(argv).decode(errors="replace")[:200]
+    return f"{path} names pid {pid}, which is not its {module} ({shown!r})"
+
+
 def write_record(path: Path, doc: dict) -> None:
     """Write a kept process's record at `path` at once (readers see the old or the new)."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -219,6 +239,9 @@ def claim(folder: Path, idle_s: float, free_port: Callable[[], int],
         os.close(lock_fd)
         raise
     if record is None:
+        stale = stale_record_note(folder / RECORD, "flows.api_server")
+        if stale:
+            sys.stderr.write(f"note: {stale}; this run starts a new Prefect API\n")
         return LocalApi(free_port(), kept=True, started_here=True, idle_s=idle_s,
                         reservation=_Reservation(folder, key, lock_fd, server_env))
     os.close(lock_fd)

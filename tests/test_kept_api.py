@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.kept_api import RECORD, read_record, stop_kept_server
+from flows.kept_api import LOG, RECORD, read_record, stop_kept_server, terminate
 from tests.cli_helpers import ROOT, cli_args, kill_group, read_summary, start_cli
 
 pytestmark = pytest.mark.slow
@@ -131,7 +131,8 @@ def test_a_server_never_leaves_under_a_run_and_a_dead_one_is_replaced(home: Path
         fresh = fourth.got()
         assert fresh["started_here"] and fresh["pid"] != killed["pid"]
     finally:
-        fourth.release()
+        err = fourth.release()
+    assert f"names pid {killed['pid']}, which has exited" in err
 
 
 def test_two_runs_at_once_start_one_server_and_other_settings_get_their_own(
@@ -139,7 +140,13 @@ def test_two_runs_at_once_start_one_server_and_other_settings_get_their_own(
     pair = [Client(home, "10m"), Client(home, "10m")]
     try:
         got = [c.got() for c in pair]
-        assert got[0]["pid"] == got[1]["pid"]
+        if got[0]["pid"] != got[1]["pid"]:
+            errs = [c.release() for c in pair]
+            pair = []
+            for server in {g["pid"] for g in got}:  # the fixture stops only the recorded one
+                terminate(server, 30)
+            log = (home / "prefect" / LOG).read_text(errors="replace")[-2000:]
+            pytest.fail(f"two servers started: {got}\nstderr: {errs}\nserver log: {log}")
         assert sorted(g["started_here"] for g in got) == [False, True]
         # Other server settings: the kept server is not theirs; a server of its own instead.
         other = Client(home, "10m", PREFECT_SERVER_API_DEFAULT_LIMIT="150")
