@@ -150,47 +150,44 @@ def stopped(pid: int) -> bool:
     return process_state(pid) == "T"
 
 
-def is_live_server(record: dict, module: str, token: str) -> bool:
-    """The record's PID is alive and runs `python -m module` with `token` among its arguments
-    (a PID the system gave to another process since is not ours)."""
+def why_not_live(record: dict, module: str, token: str) -> str | None:
+    """None when the record's PID is alive and runs `python -m module` with `token` among its
+    arguments; else why not, in words (a PID the system gave to another process since is not
+    ours)."""
     pid = int(record["pid"])
     if not pid_alive(pid):
-        return False
+        return f"pid {pid}, which has exited"
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return sys.platform != "linux"  # no /proc: trust the live PID
-    return module.encode() in argv and token.encode() in argv
+    except OSError as err:
+        if sys.platform != "linux":
+            return None  # no /proc: trust the live PID
+        return f"pid {pid}, whose command line is unreadable ({err.strerror})"
+    if module.encode() in argv and token.encode() in argv:
+        return None
+    shown = b" ".join(argv).decode(errors="replace")[:200]
+    return f"pid {pid}, which runs {shown!r}, not {module}"
+
+
+def look_record(path: Path, module: str,
+                token: Callable[[dict], str]) -> tuple[dict | None, str | None]:
+    """The record at `path` of a process kept between runs when it names a live
+    `python -m module` with token(record) among its arguments, else None; and, when there is
+    a record that does not, why not (a server SIGKILLed, or its PID since reused)."""
+    try:
+        record = json.loads(path.read_text())
+        why = why_not_live(record, module, token(record))
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return None, f"{path} is unreadable ({type(err).__name__})"
+    return (record, None) if why is None else (None, f"{path} names {why}")
 
 
 def read_live_record(path: Path, module: str, token: Callable[[dict], str]) -> dict | None:
     """The record at `path` of a process kept between runs, when it names a live
     `python -m module` with token(record) among its arguments; else None."""
-    try:
-        record = json.loads(path.read_text())
-        return record if is_live_server(record, module, token(record)) else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def stale_record_note(path: Path, module: str) -> str | None:
-    """Why the record at `path` names no live server, when there is a record at all (a
-    server SIGKILLed, or its PID since given to another process); None when there is none."""
-    try:
-        record = json.loads(path.read_text())
-        pid = int(record["pid"])
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"{path} is unreadable ({type(err).__name__})"
-    if not pid_alive(pid):
-        return f"{path} names pid {pid}, which has exited"
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError as err:
-        return f"{path} names pid {pid}, whose command line is unreadable ({err.strerror})"
-    shown = b" ".join(argv).decode(errors="replace")[:200]
-    return f"{path} names pid {pid}, which is not its {module} ({shown!r})"
+    return look_record(path, module, token)[0]
 
 
 def write_record(path: Path, doc: dict) -> None:
@@ -202,8 +199,12 @@ def write_record(path: Path, doc: dict) -> None:
 
 def read_record(folder: Path) -> dict | None:
     """The kept server's record in PREFECT_HOME when it names a live server of ours."""
-    return read_live_record(folder / RECORD, "flows.api_server",
-                            lambda record: str(int(record["port"])))
+    return _look(folder)[0]
+
+
+def _look(folder: Path) -> tuple[dict | None, str | None]:
+    return look_record(folder / RECORD, "flows.api_server",
+                       lambda record: str(int(record["port"])))
 
 
 def _spawn(folder: Path, port: int, idle_s: float, env: dict[str, str]) -> subprocess.Popen:
@@ -234,12 +235,11 @@ def claim(folder: Path, idle_s: float, free_port: Callable[[], int],
     lock_fd = os.open(folder / START_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
-        record = read_record(folder)
+        record, stale = _look(folder)
     except BaseException:
         os.close(lock_fd)
         raise
     if record is None:
-        stale = stale_record_note(folder / RECORD, "flows.api_server")
         if stale:
             sys.stderr.write(f"note: {stale}; this run starts a new Prefect API\n")
         return LocalApi(free_port(), kept=True, started_here=True, idle_s=idle_s,
