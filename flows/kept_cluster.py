@@ -62,6 +62,9 @@ START_TIMEOUT_S = 180.0
 """The first run waits this long for the server's workers (a LocalCluster allows 120 s)."""
 PUT_DOWN_TIMEOUT_S = 10.0
 """How long a run waits for a server it SIGKILLed to be gone."""
+ANSWER_TIMEOUT_S = 10.0
+"""How long a run waits for a kept cluster it found to answer before it puts it down: an idle
+scheduler answers in milliseconds, and Dask itself calls an event loop blocked at 3 s."""
 
 ROOT = Path(__file__).resolve().parents[1]
 OUR_PACKAGES = ("flows", "tasks", "training", "storage")
@@ -125,11 +128,23 @@ class KeptCluster:
     address: str | None = None
     pid: int | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
+    wedged: bool = False
+    """Found running, its scheduler answered nothing within ANSWER_TIMEOUT_S: put down."""
 
     def wait_address(self) -> str | None:
-        """The scheduler's address; for a cluster this run started, once its workers are up.
-        None when it did not start (it exited, was killed, or hung past START_TIMEOUT_S: then
-        it is stopped here by its PID); the run then starts a cluster of its own."""
+        """The scheduler's address; for a cluster this run started, once its workers are up;
+        for one it found, once its scheduler answers. None when it did not start (it exited,
+        was killed, or hung past START_TIMEOUT_S: then it is stopped here by its PID) or, found
+        running, did not answer within ANSWER_TIMEOUT_S (its process lives but serves nobody:
+        it is put down by its PID, and the next run starts a new one); the run then starts a
+        cluster of its own."""
+        if self.address is not None and not self.started_here:
+            if scheduler_answers(self.address, ANSWER_TIMEOUT_S):
+                return self.address
+            assert self.pid is not None
+            KeptClusterManager(self.address, self.pid).put_down("answered nothing")
+            self.wedged, self.address = True, None
+            return None
         if self.address is not None:
             return self.address
         process = self.process
@@ -151,9 +166,33 @@ class KeptCluster:
         return self.address is not None and self.pid is not None and pid_alive(self.pid)
 
     def failed_note(self) -> str:
-        """The one line a run says when the kept cluster it started did not start."""
+        """The one line a run says when the kept cluster it started did not start, or the one
+        it found did not answer."""
+        if self.wedged:
+            return (f"note: the Dask cluster kept between runs (pid {self.pid}) answered nothing "
+                    f"for {ANSWER_TIMEOUT_S:g} s and is put down; this run starts a cluster of "
+                    "its own")
         return (f"note: the Dask cluster kept between runs did not start (see "
                 f"{self.home / LOG}); this run starts a cluster of its own")
+
+
+def scheduler_answers(address: str, timeout_s: float) -> bool:
+    """Whether the Dask scheduler at `address` answers an identity call within timeout_s. A
+    process that lives but whose event loop is blocked still accepts the TCP connection (the
+    kernel does), so only a round trip in Dask's protocol tells."""
+    import asyncio
+
+    from distributed.core import rpc
+
+    async def ask() -> None:
+        async with rpc(address, timeout=timeout_s) as scheduler:
+            await scheduler.identity()
+
+    try:
+        asyncio.run(asyncio.wait_for(ask(), timeout_s))
+    except Exception:  # noqa: BLE001 - refused, reset, timed out: it does not answer
+        return False
+    return True
 
 
 def _read_line(process: subprocess.Popen, timeout_s: float) -> str:

@@ -22,6 +22,7 @@ from flows.kept_cluster import (
     KeptClusterManager,
     cluster_key,
     read_record,
+    scheduler_answers,
     stop_kept_cluster,
 )
 from tests.cli_helpers import (
@@ -122,8 +123,10 @@ CLAIM = """
 import json, pathlib, sys
 from flows.kept_cluster import claim
 k = claim(pathlib.Path(sys.argv[1]), 1, False, float(sys.argv[2]))
-print(json.dumps(None if k is None else {'address': k.wait_address(), 'pid': k.pid,
-                                         'started_here': k.started_here, 'key': k.key}))
+a = None if k is None else k.wait_address()
+print(json.dumps(None if k is None else {'address': a, 'pid': k.pid, 'key': k.key,
+                                         'started_here': k.started_here,
+                                         'note': None if a else k.failed_note()}))
 sys.stdout.flush()
 sys.stdin.read()  # holds the cluster until told to go
 """
@@ -192,6 +195,41 @@ def test_a_stopped_kept_cluster_is_put_down_and_the_next_run_starts_its_own(home
         assert not pid_alive(first["pid"])
         assert read_record(home)["pid"] == again["pid"]  # type: ignore[index]
     finally:
+        if pid_alive(first["pid"]):
+            os.kill(first["pid"], signal.SIGKILL)
+
+
+WEDGE = """
+import sys, time
+from distributed import Client
+with Client(sys.argv[1], timeout=30, set_as_default=False) as client:
+    client.run_on_scheduler(time.sleep, 3600)  # runs in the scheduler's event loop
+"""
+
+
+def test_a_wedged_kept_cluster_is_put_down_within_its_answer_timeout(home: Path) -> None:
+    first = _claim(home)
+    assert first is not None and first["started_here"]
+    # Its process lives and is not stopped, but its scheduler's event loop serves nobody.
+    wedge = subprocess.Popen([sys.executable, "-c", WEDGE, first["address"]], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while scheduler_answers(first["address"], 1.0):  # each look waits up to 1 s itself
+            assert time.monotonic() < deadline and wedge.poll() is None, "no wedge"
+            time.sleep(0.1)  # polling: the wedge's arrival at the scheduler sends no event
+        found = _claim(home)
+        assert found is not None and not found["started_here"]
+        assert found["pid"] == first["pid"] and found["address"] is None
+        assert found["note"] == (
+            f"note: the Dask cluster kept between runs (pid {first['pid']}) answered nothing "
+            "for 10 s and is put down; this run starts a cluster of its own")
+        assert not pid_alive(first["pid"]) and read_record(home) is None
+        again = _claim(home)  # the next run starts the one that takes its place
+        assert again is not None and again["started_here"] and again["address"]
+    finally:
+        wedge.kill()
+        wedge.wait()
         if pid_alive(first["pid"]):
             os.kill(first["pid"], signal.SIGKILL)
 
