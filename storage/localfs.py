@@ -2,7 +2,8 @@
 
 Commit protocol (DESIGN.md §2): chunks, zarr.json documents and the manifest go into
 ``<run>/ckpt/.staging-<step>-<uuid>/``; they are made durable (one ``syncfs`` on the staging
-folder's filesystem, or fsync per file where syncfs is missing); then the COMMITTED marker is
+folder's filesystem, chunk files of 1 MiB or more flushed by their writer thread beforehand; or
+fsync per file where syncfs is missing); then the COMMITTED marker is
 written and fsynced; then ``rename(staging, <step>)``, which is atomic and fails when another
 writer already renamed a non-empty folder there (that writer won); then the parent is fsynced.
 
@@ -63,6 +64,11 @@ def _start_writeback(fd: int) -> None:
 
 # Files at least this large leave the page cache once durable (see LocalStaging._release_pages).
 _RELEASE_MIN_BYTES = 64 * 1024
+# Under syncfs, files at least this large are flushed by their own writer thread at once
+# (fdatasync) and leave the page cache there: the flush overlaps the other threads' writes, and
+# the next chunk reuses the pages instead of faulting in fresh page-cache memory. Left to the
+# one syncfs at the end, a 1 GiB save had to back all of its bytes with new memory first.
+_FLUSH_AT_ONCE_BYTES = 1 << 20
 
 
 def _drop_cached(fd: int) -> None:
@@ -158,6 +164,9 @@ class LocalStaging:
             os.fsync(fd)
             if size >= _RELEASE_MIN_BYTES:
                 _drop_cached(fd)
+        elif self._durability == "syncfs" and size >= _FLUSH_AT_ONCE_BYTES:
+            os.fdatasync(fd)  # its inode and folder: the syncfs at the end
+            _drop_cached(fd)
         elif self._durability == "syncfs":
             _start_writeback(fd)
             if size >= _RELEASE_MIN_BYTES:
